@@ -15,8 +15,9 @@ from rich.table import Table
 from ablate.errors import AblateError
 
 # Results go to stdout (exactly one JSON object with --json); everything for people goes to stderr.
-out = Console()
-err = Console(stderr=True)
+# Piped output (logs, CI) gets wide tables instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,7 @@ def check_multiple(encoder_name: str, image_size: int, multiple: int, key: str =
     upper = lower + multiple if lower < image_size else lower
     raise ImageSizeError(
         f"Encoder '{encoder_name}' cannot take image size {image_size} ({key}): it needs a multiple of "
-        f"{multiple} so that its {multiple}-pixel patches tile the image exactly. "
+        f"{multiple} (its total stride / patch size) so that its patches tile the image exactly. "
         f"Use {key}={lower}" + (f" or {key}={upper}." if upper != lower else ".")
     )
 

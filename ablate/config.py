@@ -245,7 +245,7 @@ def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: 
     """Type-check a merged plain-dict config against the registered components."""
     registry = registry or get_registry()
     for key in data:
-        _check_top_level_key(key, "config")
+        _check_top_level_key(key, "top level of the config")
     settings = {key: data[key] for key in SETTING_KEYS if key in data}
     try:
         typed_settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), settings))

@@ -90,14 +90,23 @@ def count_flops(vlm: VLM, batch_size: int, prompt_tokens: int) -> tuple[dict[str
                     out = stage(out)
                 flops[name] = counter.get_total_flops()
             visual_tokens = out.tokens.shape[1]
-            embeds = torch.empty(batch_size, visual_tokens + prompt_tokens, vlm.decoder.hidden_size, device="meta")
-            with FlopCounterMode(display=False) as counter:
-                vlm.decoder(embeds)
-            flops["prefill"] = counter.get_total_flops()
+            flops["prefill"] = count_prefill_flops(vlm, batch_size, visual_tokens + prompt_tokens)
     except (RuntimeError, NotImplementedError):  # data-dependent stage on meta; see docstring
         pass
-    flops["total"] = sum(flops.values()) if all(v is not None for v in flops.values()) else None
-    return flops, visual_tokens
+    return with_total(flops), visual_tokens
+
+
+def count_prefill_flops(vlm: VLM, batch_size: int, tokens: int) -> int:
+    embeds = torch.empty(batch_size, tokens, vlm.decoder.hidden_size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vlm.decoder(embeds)
+    return counter.get_total_flops()
+
+
+def with_total(flops: dict[str, int | None]) -> dict[str, int | None]:
+    stages = {key: flops[key] for key in STAGES}
+    total = sum(stages.values()) if all(v is not None for v in stages.values()) else None
+    return {**stages, "total": total}
 
 
 def param_bytes(vlm: VLM, dtype: torch.dtype) -> int:
@@ -207,6 +216,7 @@ def measure(
     progress("counting on the meta device", 0, 1)
     with default_dtype(dtype):
         meta_vlm = build(config, meta=True)
+    record["config"] = config.to_dict()  # again: components may resolve defaults (e.g. timm's native size)
     record["params"] = meta_vlm.params()
     record["flops"], record["visual_tokens"] = count_flops(meta_vlm, config.batch_size, config.prompt_tokens)
     record["encoder_form"] = getattr(meta_vlm.encoder, "form", None)
@@ -215,13 +225,15 @@ def measure(
         return record
 
     check_fits(meta_vlm, options)
-    del meta_vlm
     progress("building the model", 0, 1)
     with default_dtype(dtype):
         vlm = build(config, device=device)
     record["latency_ms"], record["latency_spread_ms"], record["visual_tokens"] = time_stages(
         vlm, config, options, progress
     )
+    if record["flops"]["prefill"] is None:  # adaptive reducer: the real run told us the token count
+        total_tokens = record["visual_tokens"] + config.prompt_tokens
+        record["flops"] = with_total({**record["flops"], "prefill": count_prefill_flops(meta_vlm, config.batch_size, total_tokens)})
     record["peak_memory_mb"] = peak_memory_mb(device)
     return record
 

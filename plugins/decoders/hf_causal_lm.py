@@ -64,7 +64,7 @@ def architecture_config(arch: str, overrides: dict[str, Any] | None = None):
 
 
 class HFCausalLM(Decoder):
-    """A transformers causal LM (Qwen2, Llama, ...) prefilled from inputs_embeds."""
+    """A transformers causal LM prefilled from inputs_embeds; arch: qwen2-0.5b/1.5b/7b, vicuna-7b, *-tiny."""
 
     name = "hf-causal-lm"
     Config = HFCausalLMConfig

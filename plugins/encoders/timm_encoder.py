@@ -22,7 +22,7 @@ from ablate.hookspecs import hookimpl
 @dataclass
 class TimmEncoderConfig(EncoderConfig):
     model_name: str = "vit_tiny_patch16_224"
-    image_size: int = 224
+    image_size: int | None = None  # None: the model's own input size (336 for vit_large_patch14_clip_336)
     feature_block: int | None = None  # None: final features (forward_features); k: output of block/stage k
     keep_prefix_tokens: bool = False  # keep CLS/register tokens in the visual tokens
     # Block whose attention queries/keys a reducer may ask for; None: the block after the selected features
@@ -40,6 +40,8 @@ class TimmEncoder(VisionEncoder):
 
     def __init__(self, config: TimmEncoderConfig):
         super().__init__(config)
+        if config.image_size is None:  # resolved here, so the recorded config says which size ran
+            config.image_size = _native_size(config.model_name)
         self.model = _create(config)
         self.stride = _stride(self.model)
         self.num_prefix = getattr(self.model, "num_prefix_tokens", 0)
@@ -172,6 +174,11 @@ def _create(config: TimmEncoderConfig, image_size: int | None = None) -> torch.n
                 f"{', '.join(candidates) or 'none'}. `python -c \"import timm; print(timm.list_models('*vit*'))\"` lists them."
             ) from None
         raise
+
+
+def _native_size(model_name: str) -> int:
+    pretrained_cfg = timm.get_pretrained_cfg(model_name)
+    return int(pretrained_cfg.input_size[-1]) if pretrained_cfg else 224
 
 
 def _stride(model: torch.nn.Module) -> int:

@@ -1,0 +1,33 @@
+"""Shared helpers: the tiny preset and a way to run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = "tiny"  # experiments/tiny.yaml: tiny FastViT-style encoder + tiny Qwen2
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`ablate ARGS` as a user runs it: a fresh process, real entry points."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ablate.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def run_json(*args: str, **kwargs) -> dict:
+    result = run_cli("run", *args, "--json", **kwargs)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return []

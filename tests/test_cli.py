@@ -1,0 +1,106 @@
+"""The `ablate` command as users run it: JSON record, tables, and one-paragraph errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli, run_json
+
+LATENCY_KEYS = {"preprocess", "encoder", "reducer", "connector", "prefill", "stage_sum", "ttft"}
+
+
+def test_run_json_record_has_every_field():
+    record = run_json("tiny", "--repeats", "2", "--warmup", "1")
+    assert record["error"] is None
+    assert record["visual_tokens"] == 4 and record["prompt_tokens"] == 16  # 128 px / stride 64 = 2x2
+    assert set(record["params"]) == {"encoder", "reducer", "connector", "decoder", "total"}
+    assert record["params"]["total"] == sum(record["params"][k] for k in ("encoder", "reducer", "connector", "decoder"))
+    assert set(record["flops"]) >= {"encoder", "connector", "prefill", "total"}
+    assert record["flops"]["encoder"] > 0 and record["flops"]["prefill"] > 0
+    assert set(record["latency_ms"]) == LATENCY_KEYS == set(record["latency_spread_ms"])
+    assert all(record["latency_ms"][k] > 0 for k in LATENCY_KEYS)
+    assert record["latency_ms"]["stage_sum"] >= record["latency_ms"]["encoder"]
+    assert record["env"]["mode"] == "eager" and record["env"]["dtype"] == "float32"
+    assert {"device", "threads", "torch", "timm", "transformers"} <= set(record["env"])
+    assert record["config"]["encoder"]["name"] == "fastvit-tiny"
+    assert record["peak_memory_mb"] > 0
+
+
+def test_table_output_and_threads():
+    result = run_cli("run", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "TTFT" in result.stdout and "stage sum" in result.stdout and "1 threads" in result.stdout
+
+
+def test_count_only_fastvlm_0_5b_at_512():
+    record = run_json("fastvlm-0.5b", "encoder.image_size=512", "--count-only")
+    assert record["visual_tokens"] == 64
+    assert record["params"]["encoder"] == 122_714_208
+    assert record["params"]["connector"] == 3_557_120
+    assert record["latency_ms"]["ttft"] is None
+
+
+@pytest.mark.parametrize("size,tokens", [(256, 16), (768, 144), (1024, 256)])
+def test_fastvithd_token_counts(size, tokens):
+    assert run_json("fastvlm-0.5b", f"encoder.image_size={size}", "--count-only")["visual_tokens"] == tokens
+
+
+def test_count_only_7b_on_a_small_machine():
+    record = run_json("fastvlm-7b", "--count-only")
+    assert record["visual_tokens"] == 256
+    assert record["params"]["connector"] == 23_862_272
+    assert record["params"]["decoder"] == 7_615_616_512
+    assert record["flops"]["prefill"] > 1e12
+
+
+def test_7b_in_float32_is_refused_when_it_cannot_fit():
+    from ablate.measure import available_memory
+
+    import torch
+
+    if (available_memory(torch.device("cpu")) or 0) > 40 * 2**30:
+        pytest.skip("this machine has room for a 7B model in float32")
+    result = run_cli("run", "fastvlm-7b", "--repeats", "1")
+    assert result.returncode != 0
+    assert "--count-only" in result.stderr and "bfloat16" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["tiny", "encoder=fastvithdd"], "Did you mean 'fastvithd'"),
+        (["tiny", "encoder.imagesize=128"], "encoder.imagesize"),
+        (["tiny", "encoder.image_size=100"], "multiple of 64"),
+        (["tiny", "reducer=prumerge"], "needs attention, cls"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_paragraph(args, expected):
+    result = run_cli("run", *args, "--count-only")
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n\n") == 0  # one paragraph
+
+
+def test_json_error_is_still_one_object():
+    import json
+
+    result = run_cli("run", "tiny", "encoder=nope", "--json")
+    assert result.returncode == 2
+    assert "nope" in json.loads(result.stdout)["error"]
+
+
+def test_show_list_plugins():
+    show = run_cli("show", "fastvlm-0.5b", "encoder.image_size=512")
+    assert show.returncode == 0 and "image_size: 512" in show.stdout
+    listing = run_cli("list", "encoder")
+    assert listing.returncode == 0 and "fastvithd" in listing.stdout and "timm" in listing.stdout
+    plugins = run_cli("plugins")
+    assert plugins.returncode == 0 and "fastvit" in plugins.stdout and "error" not in plugins.stdout
+
+
+def test_swap_to_clip_vit_in_one_override():
+    record = run_json("fastvlm-0.5b", "encoder=timm", "encoder.model_name=vit_large_patch14_clip_336",
+                      "encoder.image_size=336", "--count-only")
+    assert record["visual_tokens"] == 576
+    assert record["params"]["connector"] == 1024 * 896 + 896 + 896 * 896 + 896

@@ -1,0 +1,89 @@
+"""The timm encoder: feature selection as LLaVA uses it, CLS and attention for reducers, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ablate.components import ATTENTION, CLS
+from ablate.errors import ImageSizeError
+from ablate_plugins.encoders.timm_encoder import TimmEncoder, TimmEncoderConfig
+
+
+def encoder(**options):
+    torch.manual_seed(0)
+    return TimmEncoder(TimmEncoderConfig(name="timm", **options)).eval()
+
+
+def by_hand_blocks(vit, x, last_block):
+    """ViT tokens after block `last_block`, computed without forward_intermediates."""
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    for block in vit.blocks[: last_block + 1]:
+        x = block(x)
+    return x
+
+
+def test_penultimate_block_without_cls_like_llava():
+    enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, feature_block=-2)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = enc(x)
+        expected = by_hand_blocks(enc.model, x, len(enc.model.blocks) - 2)[:, enc.model.num_prefix_tokens :]
+    assert out.tokens.shape == (2, 16, 192) and out.grid == (4, 4)
+    assert torch.allclose(out.tokens, expected, atol=1e-6)
+
+
+def test_final_features_keep_prefix_when_asked():
+    enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, keep_prefix_tokens=True)
+    with torch.no_grad():
+        out = enc(torch.rand(1, 3, 64, 64))
+    assert out.tokens.shape == (1, 17, 192) and out.grid is None
+    assert enc.num_tokens() == 17
+
+
+def test_cls_and_attention_of_the_next_block_on_request():
+    enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, feature_block=-2)
+    assert enc.provides == {CLS, ATTENTION}
+    enc.request(frozenset({CLS, ATTENTION}))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = enc(x)
+        penultimate = by_hand_blocks(enc.model, x, len(enc.model.blocks) - 2)
+        last = enc.model.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(penultimate))
+    assert torch.allclose(out.cls, penultimate[:, 0], atol=1e-6)
+    assert torch.allclose(out.queries, qkv[..., :192], atol=1e-5)
+    assert torch.allclose(out.keys, qkv[..., 192:384], atol=1e-5)
+    assert out.num_prefix_tokens == 1
+
+
+def test_convnet_map_becomes_row_major_tokens():
+    enc = encoder(model_name="convnext_atto", image_size=64)
+    assert enc.provides == frozenset()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = enc(x)
+        fmap = enc.model.forward_features(x)
+    assert out.grid == (2, 2) and out.tokens.shape == (1, 4, enc.width)
+    assert torch.equal(out.tokens[0, 1], fmap[0, :, 0, 1])  # row 0, column 1
+    with pytest.raises(ImageSizeError, match="multiple of 32"):
+        enc.num_tokens(100)
+
+
+def test_native_size_is_the_default():
+    with torch.device("meta"):
+        enc = TimmEncoder(TimmEncoderConfig(name="timm", model_name="vit_large_patch14_clip_336"))
+    assert enc.config.image_size == 336 and enc.num_tokens() == 576
+
+
+def test_fixed_size_vit_refuses_other_sizes_with_the_fix():
+    enc = encoder(model_name="vit_tiny_patch16_224", image_size=64)
+    with pytest.raises(Exception, match="encoder.image_size=128"):
+        enc.num_tokens(128)
+
+
+def test_unknown_timm_model_is_a_config_error():
+    from ablate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="encoder.model_name"):
+        encoder(model_name="vit_nonexistent_patch3")
