@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ablate.config import VLMConfig, load_config
-from ablate.errors import AblateError, ConfigError, ResourceError
+from ablate.errors import ConfigError, ResourceError
 from ablate.model import VLM, build
 from ablate.preprocess import load_image, preprocess, synthetic_image
 from ablate.timing import StageTimer, median, spread
@@ -212,6 +212,7 @@ def measure(
     device = torch.device(options.device)
     record = empty_record(config, options)
     record["env"] = environment(options)
+    image = load_image(options.image) if options.image else None  # a bad path fails before any model is built
 
     progress("counting on the meta device", 0, 1)
     with default_dtype(dtype):
@@ -229,7 +230,7 @@ def measure(
     with default_dtype(dtype):
         vlm = build(config, device=device)
     record["latency_ms"], record["latency_spread_ms"], record["visual_tokens"] = time_stages(
-        vlm, config, options, progress
+        vlm, config, options, image, progress
     )
     if record["flops"]["prefill"] is None:  # adaptive reducer: the real run told us the token count
         total_tokens = record["visual_tokens"] + config.prompt_tokens
@@ -238,10 +239,11 @@ def measure(
     return record
 
 
-def time_stages(vlm: VLM, config: VLMConfig, options: RunOptions, progress: Progress):
+def time_stages(vlm: VLM, config: VLMConfig, options: RunOptions, image, progress: Progress):
     device = torch.device(options.device)
     spec = vlm.encoder.preprocessing
-    image = load_image(options.image) if options.image else synthetic_image(spec.image_size, options.seed)
+    if image is None:
+        image = synthetic_image(spec.image_size, options.seed)
     pixels = preprocess(image, spec).unsqueeze(0).expand(config.batch_size, -1, -1, -1).contiguous().to(device)
     input_ids = vlm.make_prompt(config.prompt_tokens, config.batch_size, options.seed).to(device)
     timer = StageTimer(device)
@@ -269,14 +271,3 @@ def time_stages(vlm: VLM, config: VLMConfig, options: RunOptions, progress: Prog
         {key: spread(samples[key]) for key in keys},
         visual_tokens,
     )
-
-
-def measure_record(config, overrides=(), options: RunOptions | None = None, progress: Progress | None = None):
-    """Like `measure`, but a bad input becomes the record's `error` instead of an exception (for grids)."""
-    options = options or RunOptions()
-    try:
-        return measure(config, overrides, options, progress)
-    except AblateError as exc:
-        record = empty_record(None, options)
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        return record
