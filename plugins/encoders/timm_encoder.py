@@ -15,7 +15,7 @@ import timm
 import torch
 
 from ablate.components import ATTENTION, CLS, EncoderConfig, EncoderOutput, Preprocessing, VisionEncoder, check_multiple
-from ablate.errors import ConfigError
+from ablate.errors import ConfigError, ImageSizeError
 from ablate.hookspecs import hookimpl
 
 
@@ -49,6 +49,10 @@ class TimmEncoder(VisionEncoder):
         blocks = getattr(self.model, "blocks", None)
         self._attention_ok = self._has_cls and blocks is not None and hasattr(blocks[0], "attn")
         self.width = self.model.num_features
+        if config.feature_block is not None and _feature_info(self.model):
+            # An intermediate stage of a conv net is narrower than the last one (ViT blocks all have one width).
+            chosen = _feature_info(self.model)[config.feature_block]
+            self.width, self.stride = int(chosen["num_chs"]), int(chosen["reduction"])
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = None
         self._token_counts: dict[int, int] = {}
@@ -83,7 +87,7 @@ class TimmEncoder(VisionEncoder):
         size = image_size or self.config.image_size
         check_multiple(self.name + f" ({self.config.model_name})", size, self.stride)
         if size != self.config.image_size and _fixed_size(self.model):
-            raise ConfigError(
+            raise ImageSizeError(
                 f"{self.config.model_name} was built for {self.config.image_size} px; set encoder.image_size={size} "
                 f"to rebuild it at {size} px."
             )
@@ -121,7 +125,7 @@ class TimmEncoder(VisionEncoder):
                 stop_early=ATTENTION not in self.requested,
                 output_fmt="NLC" if hasattr(self.model, "blocks") else "NCHW",
                 intermediates_only=True,
-                return_prefix_tokens=bool(self.num_prefix),
+                **({"return_prefix_tokens": True} if self.num_prefix else {}),  # conv nets take no such argument
             )[0]
             out, prefix = result if isinstance(result, tuple) else (result, None)
         if out.ndim == 4:  # NCHW map -> row-major tokens
@@ -181,11 +185,15 @@ def _native_size(model_name: str) -> int:
     return int(pretrained_cfg.input_size[-1]) if pretrained_cfg else 224
 
 
+def _feature_info(model: torch.nn.Module) -> list[dict]:
+    info = getattr(model, "feature_info", None) or []
+    return info if isinstance(info, list) else info.info
+
+
 def _stride(model: torch.nn.Module) -> int:
-    info = getattr(model, "feature_info", None)
+    info = _feature_info(model)
     if info:
-        last = info[-1] if isinstance(info, list) else info.info[-1]
-        return int(last["reduction"])
+        return int(info[-1]["reduction"])
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1,))
     return int(patch[0])
 

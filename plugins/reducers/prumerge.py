@@ -36,6 +36,8 @@ class PruMerge(TokenReducer):
     def forward(self, features: EncoderOutput) -> EncoderOutput:
         x = features.tokens  # (B, N, C), prefix tokens already dropped
         prefix = features.num_prefix_tokens
+        if prefix < 1:
+            raise ValueError("PruMerge scores tokens by the CLS query: the encoder's attention has no prefix token")
         q, k = features.queries, features.keys  # (B, P + N, D)
         scale = q.shape[-1] ** -0.5
         attention = torch.softmax((q[:, :1] @ k.transpose(1, 2)) * scale, dim=-1)[:, 0]

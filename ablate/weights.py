@@ -1,0 +1,74 @@
+"""Reading tensors from local files and loading them strictly, with errors that list what does not match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ablate.errors import CheckpointError
+
+SAFETENSORS = (".safetensors",)
+PICKLED = (".bin", ".pt", ".pth")
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a file, or of every *.safetensors file in a directory (sharded checkpoints).
+
+    Safetensors are read directly; .bin/.pt/.pth only with `weights_only=True` (never unpickle code).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in PICKLED)
+        if not files:
+            raise CheckpointError(f"No *.safetensors (or .bin/.pt) weight files in {path}. Point at the checkpoint.")
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            tensors.update(read_tensors(file))
+        return tensors
+    if not path.is_file():
+        raise CheckpointError(f"Weights file {path} does not exist. Check the path (weights are never downloaded).")
+    try:
+        if path.suffix in SAFETENSORS:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if path.suffix in PICKLED:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of tensors.")
+            return state
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read weights from {path}: {exc}") from None
+    raise CheckpointError(f"Unknown weights format '{path.suffix}' for {path}: use .safetensors (or .bin/.pt/.pth).")
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:5]) + (", ..." if len(items) > 5 else "")
+    return f"{len(items)} {title}: {shown}" if items else ""
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Load every tensor, or fail naming the missing, unexpected and mis-shaped keys (first few, with counts)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)} expected"
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
+    )
+    if missing or unexpected or misshaped:
+        problems = "; ".join(
+            p for p in (_listing("missing", missing), _listing("unexpected", unexpected),
+                        _listing("mis-shaped", misshaped)) if p
+        )
+        raise CheckpointError(
+            f"The weights for {what} do not match its architecture: {problems}. Check that the checkpoint was "
+            f"made for this configuration (sizes, layers, inference vs train form)."
+        )
+    module.load_state_dict(state_dict, strict=True)
