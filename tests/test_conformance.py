@@ -1,0 +1,78 @@
+"""Every registered component runs through the plugin-author conformance suites in `ablate.testing`.
+
+Registering a component enrols it here automatically (timm-style): one test class per component and case, generated
+at collection time from the live registry, so built-ins, the example plugin and any installed third-party plugin are
+held to the same bar. `CASES` only picks tiny configs for components whose defaults are big; a component not in
+it runs with its Config defaults.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ablate.registry import get_registry
+from ablate.testing import suite_for
+
+
+def full_size(**attributes) -> dict[str, dict]:
+    """A full-size encoder: shapes on the meta device in the fast suite, real forwards only under `-m slow`."""
+    return {
+        "meta": dict(attributes, real_forward=False),
+        "full": dict(attributes, pytestmark=[pytest.mark.slow]),
+    }
+
+
+VIT_TINY = {"model_name": "vit_tiny_patch16_224"}
+
+# (kind, name) -> {case: attributes of the generated test class}. Keep every case fast (tiny sizes).
+CASES: dict[tuple[str, str], dict[str, dict]] = {
+    ("encoder", "timm"): {
+        # Final features of a ViT (forward_features; CLS split off) at its native size.
+        "vit": dict(config_overrides={**VIT_TINY, "image_size": 224}, bad_image_sizes=[200]),
+        # LLaVA's path: an intermediate block's tokens, attention of the next block (forward_intermediates, NLC).
+        "vit_block": dict(config_overrides={**VIT_TINY, "image_size": 64, "feature_block": -2}, bad_image_sizes=[72]),
+        # A conv net's intermediate stage (forward_intermediates, NCHW map -> tokens), at two sizes.
+        "convnext_block": dict(
+            config_overrides={"model_name": "convnext_atto", "image_size": 64, "feature_block": 2},
+            image_sizes=[64, 96], bad_image_sizes=[50],
+        ),
+    },
+    ("encoder", "fastvit-tiny"): {"tiny": dict(image_sizes=[128, 256], bad_image_sizes=[100])},
+    ("encoder", "fastvithd"): full_size(image_sizes=[256, 512, 1024], bad_image_sizes=[1000]),
+    ("encoder", "fastvit-mci2"): full_size(image_sizes=[256, 512], bad_image_sizes=[1000]),
+    ("encoder", "fastvit-mci4"): full_size(image_sizes=[256, 1024], bad_image_sizes=[1000]),
+    ("encoder", "fastvit"): {"tiny": dict(image_sizes=[128, 192], bad_image_sizes=[100])},
+}
+DEFAULT_CASE = {"defaults": {}}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"\W", "_", text)
+
+
+def _enrol() -> list[tuple[str, str]]:
+    """Create one test class per registered component and case in this module; return what was enrolled."""
+    enrolled = []
+    for kind, components in get_registry().components.items():
+        for name, component in sorted(components.items()):
+            for case, attributes in CASES.get((kind, name), DEFAULT_CASE).items():
+                class_name = f"Test{kind.title()}_{_slug(name)}_{case}"
+                globals()[class_name] = suite_for(component, kind=kind, class_name=class_name, **attributes)
+            enrolled.append((kind, name))
+    return enrolled
+
+
+ENROLLED = _enrol()
+
+
+def test_every_builtin_kind_is_enrolled():
+    assert {kind for kind, _ in ENROLLED} == {"encoder", "reducer", "connector", "decoder"}
+
+
+def test_cases_name_registered_components():
+    """A renamed or unregistered component must not silently drop out of its tiny case."""
+    stale = sorted(set(CASES) - set(ENROLLED))
+    broken = {p.name: p.error for p in get_registry().plugins.values() if p.error}
+    assert not stale, f"CASES names components that are not registered: {stale}. Plugin errors: {broken}"
