@@ -263,13 +263,17 @@ def load_config(
     overrides: Iterable[str] = (),
     registry: Registry | None = None,
 ) -> VLMConfig:
-    """Compose a config from a preset name, a YAML path or a dict, then `key=value` overrides."""
+    """Compose a config from a preset name, a YAML path, a checkpoint directory or a dict, then overrides."""
     overrides = list(overrides)
     if isinstance(source, VLMConfig):
         if not overrides:
             return source
         source = source.to_dict()
     sources: list[str] = []
+    if not isinstance(source, Mapping) and Path(source).is_dir():  # a checkpoint directory describes its model
+        from ablate.checkpoints import ablate_config
+
+        source = ablate_config(Path(source))
     if isinstance(source, Mapping):
         data = dict(source)
         base = data.pop("base", None)
