@@ -16,13 +16,18 @@ PICKLED = (".bin", ".pt", ".pth")
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a file, or of every *.safetensors file in a directory (sharded checkpoints).
 
-    Safetensors are read directly; .bin/.pt/.pth only with `weights_only=True` (never unpickle code).
+    Safetensors are read directly; .bin/.pt/.pth only with `weights_only=True` (never unpickle code). A directory
+    without safetensors falls back to HF's `pytorch_model*.bin` shards (not any pickle: optimizer states and
+    training args live there too).
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in PICKLED)
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
         if not files:
-            raise CheckpointError(f"No *.safetensors (or .bin/.pt) weight files in {path}. Point at the checkpoint.")
+            raise CheckpointError(
+                f"No *.safetensors (or pytorch_model*.bin) weight files in directory {path}. Point at the "
+                f"checkpoint directory, or at the weights file itself."
+            )
         tensors: dict[str, torch.Tensor] = {}
         for file in files:
             tensors.update(read_tensors(file))
@@ -39,7 +44,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of tensors.")
-            return state
+            return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}  # no 'epoch' etc.
     except CheckpointError:
         raise
     except Exception as exc:

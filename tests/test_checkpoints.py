@@ -6,65 +6,97 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import FastVlmConfig, FastVlmForConditionalGeneration
+from safetensors.torch import save_file
+from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration
 
 import ablate
+from ablate.checkpoints import ablate_config
 from ablate.errors import CheckpointError
+from ablate.weights import read_tensors
 from test_fastvit_family import official_names
 
 IMAGE_TOKEN = 1000
 TINY_TEXT = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024)
+                 intermediate_size=128, vocab_size=1024, rope_theta=50_000.0)
+# A FastViTHD-shaped tower shrunk through timm's create_model arguments, as TimmWrapperConfig passes them.
+TINY_VISION = dict(model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=128, do_pooling=False,
+                   model_args={"inference_mode": True, "layers": [1, 1, 1, 1, 1], "embed_dims": [16, 16, 32, 32, 64]})
+
+
+def save_hf_fastvlm(directory, image_size=128, **config):
+    """A tiny FastVlmForConditionalGeneration and its image processor, saved by transformers (sharded)."""
+    torch.manual_seed(0)
+    config = FastVlmConfig(vision_config=TINY_VISION, image_token_id=IMAGE_TOKEN, **config)
+    model = FastVlmForConditionalGeneration(config).eval()
+    model.save_pretrained(directory, max_shard_size="300KB")
+    size = {"height": image_size, "width": image_size}
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size, image_mean=[0.0] * 3,
+                       image_std=[1.0] * 3).save_pretrained(directory)
+    return model
 
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
-    """A tiny FastVlmForConditionalGeneration (FastViTHD-shaped tower via timm model_args) saved by transformers."""
-    torch.manual_seed(0)
-    config = FastVlmConfig(
-        vision_config=dict(model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=128, do_pooling=False,
-                           model_args={"inference_mode": True, "layers": [1, 1, 1, 1, 1],
-                                       "embed_dims": [16, 16, 32, 32, 64]}),
-        text_config=dict(TINY_TEXT, tie_word_embeddings=False),
-        image_token_id=IMAGE_TOKEN,
-    )
-    model = FastVlmForConditionalGeneration(config).eval()
     directory = tmp_path_factory.mktemp("fastvlm-hf")
-    model.save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 128, "width": 128}}))
-    return directory, model
+    return directory, save_hf_fastvlm(directory, text_config=dict(TINY_TEXT, tie_word_embeddings=False))
+
+
+def first_token_logits_match(vlm, hf_model, batch=2):
+    """ablate's prefill vs transformers' last-position logits on the same pixels and prompt."""
+    size = vlm.config.encoder.image_size
+    pixels = torch.rand(batch, 3, size, size)
+    ours_ids = torch.tensor([[5, IMAGE_TOKEN, 7, 8, 9]] * batch)
+    hf_ids = torch.tensor([[5] + [IMAGE_TOKEN] * vlm.num_visual_tokens() + [7, 8, 9]] * batch)  # HF expands it
+    with torch.no_grad():
+        ours = vlm.prefill(pixels, ours_ids)
+        theirs = hf_model(input_ids=hf_ids, pixel_values=pixels).logits[:, -1]
+    return (ours - theirs).abs().max().item() < 1e-4
 
 
 def test_transformers_checkpoint_gives_the_same_first_token_logits(hf_checkpoint):
     directory, hf_model = hf_checkpoint
+    assert len(list(directory.glob("*.safetensors"))) > 1  # sharded
     vlm = ablate.from_checkpoint(directory)
+    assert vlm.config.encoder.name == "fastvithd" and vlm.config.encoder.layers == [1, 1, 1, 1, 1]
     assert vlm.config.encoder.image_size == 128 and vlm.image_token_id == IMAGE_TOKEN
-    pixels = torch.rand(2, 3, 128, 128)
-    visual = vlm.num_visual_tokens()
-    ours_ids = torch.tensor([[5, IMAGE_TOKEN, 7, 8, 9]] * 2)
-    hf_ids = torch.tensor([[5] + [IMAGE_TOKEN] * visual + [7, 8, 9]] * 2)  # transformers expands the placeholder
-    with torch.no_grad():
-        ours = vlm.prefill(pixels, ours_ids)
-        theirs = hf_model(input_ids=hf_ids, pixel_values=pixels).logits[:, -1]
-    assert (ours - theirs).abs().max().item() < 1e-4
+    assert vlm.decoder.lm.config.rope_parameters["rope_theta"] == 50_000.0
+    assert first_token_logits_match(vlm, hf_model)
 
 
-def test_weights_key_in_a_config_loads_the_same_tensors(hf_checkpoint):
+def test_tied_lm_head(hf_checkpoint, tmp_path):
+    # FastVlmConfig ties when its top level says so, even if the text config does not; the head is then not saved.
+    hf_model = save_hf_fastvlm(tmp_path, text_config=dict(TINY_TEXT, tie_word_embeddings=False),
+                               tie_word_embeddings=True)
+    assert "lm_head.weight" not in read_tensors(tmp_path)
+    vlm = ablate.from_checkpoint(tmp_path)
+    assert vlm.decoder.lm.lm_head.weight is vlm.decoder.lm.model.embed_tokens.weight
+    assert first_token_logits_match(vlm, hf_model, batch=1)
+    with pytest.raises(CheckpointError, match=r"1 missing: decoder.lm.lm_head.weight.*tie_word_embeddings=true"):
+        ablate.from_checkpoint(tmp_path, ["decoder.overrides.tie_word_embeddings=false"])
+    untied, _ = hf_checkpoint
+    with pytest.raises(CheckpointError, match=r"lm_head.weight differs.*tie_word_embeddings=false"):
+        ablate.from_checkpoint(untied, ["decoder.overrides.tie_word_embeddings=true"])
+
+
+def test_weights_key_in_a_config_file_or_override(hf_checkpoint, tmp_path):
     directory, hf_model = hf_checkpoint
-    from ablate.checkpoints import ablate_config
-
-    config = ablate_config(directory)
-    vlm = ablate.build(config)
-    assert torch.equal(vlm.connector.layers[0].weight, hf_model.model.multi_modal_projector.linear_1.weight)
-    random_vlm = ablate.build({**config, "weights": None})
-    assert not torch.equal(random_vlm.connector.layers[0].weight, vlm.connector.layers[0].weight)
+    config = {key: value for key, value in ablate_config(directory).items() if key != "weights"}
+    path = tmp_path / "mine.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    random_vlm = ablate.build(path)
+    vlm = ablate.build(path, [f"weights={directory}"])
+    expected = hf_model.model.multi_modal_projector.linear_1.weight
+    assert torch.equal(vlm.connector.layers[0].weight, expected)
+    assert not torch.equal(random_vlm.connector.layers[0].weight, expected)
+    path.write_text(json.dumps({**config, "weights": str(directory)}))
+    assert torch.equal(ablate.build(path).connector.layers[0].weight, expected)
 
 
 def edited_copy(source, target, edit):
     target.mkdir()
-    (target / "config.json").write_text((source / "config.json").read_text())
-    tensors = load_file(str(source / "model.safetensors"))
+    for config in source.glob("*.json"):  # config.json and the image processor's
+        (target / config.name).write_text(config.read_text())
+    tensors = read_tensors(source)
     edit(tensors)
     save_file(tensors, str(target / "model.safetensors"))
     return target
@@ -75,7 +107,7 @@ def test_a_renamed_tensor_is_named(hf_checkpoint, tmp_path):
     key = "model.language_model.layers.1.mlp.up_proj.weight"
     broken = edited_copy(source, tmp_path / "renamed", lambda t: t.__setitem__(key + "_x", t.pop(key)))
     with pytest.raises(CheckpointError) as info:
-        ablate.from_checkpoint(broken, ["encoder.image_size=128"])
+        ablate.from_checkpoint(broken)
     message = str(info.value)
     assert "1 missing: decoder.lm.model.layers.1.mlp.up_proj.weight" in message
     assert "1 unexpected: decoder.lm.model.layers.1.mlp.up_proj.weight_x" in message
@@ -86,36 +118,107 @@ def test_a_reshaped_tensor_is_named_with_both_shapes(hf_checkpoint, tmp_path):
     key = "model.multi_modal_projector.linear_1.bias"
     broken = edited_copy(source, tmp_path / "reshaped", lambda t: t.__setitem__(key, torch.zeros(3)))
     with pytest.raises(CheckpointError, match=r"mis-shaped: connector.layers.0.bias \(3,\) vs \(64,\) expected"):
-        ablate.from_checkpoint(broken, ["encoder.image_size=128"])
+        ablate.from_checkpoint(broken)
 
 
 def test_ml_fastvlm_llava_layout(tmp_path):
     """The original release layout: fused official vision names (head.proj included), mm_projector, Qwen2 keys."""
     torch.manual_seed(3)
-    source = ablate.build("tiny", ["decoder.arch=qwen2-tiny", "decoder.overrides.tie_word_embeddings=false"])
-    tensors = {f"model.vision_tower.vision_tower.model.{k}": v
-               for k, v in official_names(source.encoder.model.state_dict()).items()}
+    size = 256
+    source = ablate.build("tiny", [f"encoder.image_size={size}", "decoder.overrides.tie_word_embeddings=false"])
+    vision = official_names(source.encoder.model.state_dict(), head_width=source.encoder.width)
+    tensors = {f"model.vision_tower.vision_tower.model.{k}": v for k, v in vision.items()}
     tensors.update({f"model.mm_projector.{k}": v for k, v in source.connector.layers.state_dict().items()})
     tensors.update({f"model.{k}": v for k, v in source.decoder.lm.model.state_dict().items()})
     tensors["lm_head.weight"] = source.decoder.lm.lm_head.weight
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
-    config = dict(TINY_TEXT, model_type="llava_qwen2", mm_vision_tower="mobileclip_l_128", mm_hidden_size=128,
+    config = dict(TINY_TEXT, model_type="llava_qwen2", mm_vision_tower=f"mobileclip_l_{size}", mm_hidden_size=128,
                   mm_projector_type="mlp2x_gelu", tie_word_embeddings=False, rms_norm_eps=1e-6,
-                  rope_theta=1_000_000.0, mm_vision_select_layer=-2, image_aspect_ratio="pad")
+                  rope_theta=1_000_000.0, mm_vision_select_layer=-2, image_aspect_ratio="pad",
+                  tokenizer_model_max_length=8192, unfreeze_mm_vision_tower=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
 
-    vlm = ablate.from_checkpoint(tmp_path, ["encoder=fastvit-tiny"])  # the tiny tower LLaVA configs cannot name
-    assert vlm.config.encoder.image_size == 128
-    pixels, ids = torch.rand(1, 3, 128, 128), vlm.make_prompt(6)
+    described = ablate_config(tmp_path)
+    assert described["encoder"] == {"name": "fastvithd", "image_size": size}
+    assert "mm_vision_tower" not in described["decoder"]["overrides"]
+    # A LLaVA config cannot name a tiny tower: swap it in, keeping the checkpoint's size.
+    vlm = ablate.from_checkpoint(tmp_path, ["encoder=fastvit-tiny", f"encoder.image_size={size}"])
+    pixels, ids = torch.rand(1, 3, size, size), vlm.make_prompt(6)
     with torch.no_grad():
         assert torch.allclose(vlm.prefill(pixels, ids), source.prefill(pixels, ids), atol=1e-5)
 
 
-def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json.*encoder.weights"):
+def meta_tensors(module, rename):
+    return {rename(key): value for key, value in module.state_dict().items()}
+
+
+def test_full_size_fastvlm_configs_and_key_maps(tmp_path):
+    """Released sizes, on the meta device: FastViTHD at 1024 px, Qwen2-0.5B, every key mapped and shaped right."""
+    from ablate.checkpoints import LLAVA, TRANSFORMERS, _to_vlm_keys
+    from ablate.weights import load_state_dict_strict
+
+    qwen2_05b = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                     intermediate_size=4864, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=32768)
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text(json.dumps(dict(
+        qwen2_05b, model_type="llava_qwen2", architectures=["LlavaQwen2ForCausalLM"], vocab_size=151936,
+        mm_vision_tower="mobileclip_l_1024", mm_hidden_size=3072, mm_projector_type="mlp2x_gelu",
+        tie_word_embeddings=False)))
+    config = ablate_config(llava)
+    assert config["encoder"] == {"name": "fastvithd", "image_size": 1024}
+    assert config["decoder"]["arch"] == "qwen2-0.5b" and config["image_token_id"] is None
+    vlm = ablate.build(config, meta=True)
+    assert vlm.num_visual_tokens() == 256 and vlm.params()["connector"] == 3_557_120
+    checkpoint = {f"model.vision_tower.vision_tower.model.{k}": v
+                  for k, v in official_names(vlm.encoder.model.state_dict(), head_width=3072).items()}
+    assert len(checkpoint) == 629  # spec 3.4, head.proj included
+    checkpoint.update(meta_tensors(vlm.connector.layers, lambda k: f"model.mm_projector.{k}"))
+    checkpoint.update(meta_tensors(vlm.decoder.lm, lambda k: k))
+    load_state_dict_strict(vlm, _to_vlm_keys(checkpoint, LLAVA), "full-size LLaVA layout")
+
+    hf_dir = tmp_path / "hf"
+    FastVlmConfig(text_config=dict(qwen2_05b, vocab_size=152000), image_token_id=151646).save_pretrained(hf_dir)
+    with torch.device("meta"):
+        hf_model = FastVlmForConditionalGeneration(FastVlmConfig.from_pretrained(hf_dir))
+    vlm = ablate.build(ablate_config(hf_dir), meta=True)
+    assert vlm.config.encoder.name == "fastvithd" and vlm.config.encoder.inference_mode
+    assert vlm.image_token_id == 151646 and vlm.decoder.vocab_size == 152000
+    load_state_dict_strict(vlm, _to_vlm_keys(hf_model.state_dict(), TRANSFORMERS), "full-size transformers layout")
+
+
+def write_hf_config(directory, **model_args):
+    vision = dict(TINY_VISION, model_args=model_args)
+    (directory / "config.json").write_text(FastVlmConfig(text_config=TINY_TEXT, vision_config=vision).to_json_string())
+
+
+def test_transformers_config_details(tmp_path):
+    write_hf_config(tmp_path, inference_mode=True, drop_path_rate=0.1)  # a training-only argument is dropped
+    processor = {"image_processor": {"crop_size": {"height": 192, "width": 192}, "image_mean": [0.5] * 3,
+                                     "image_std": [0.25] * 3}, "processor_class": "LlavaProcessor"}
+    (tmp_path / "processor_config.json").write_text(json.dumps(processor))  # transformers v5 nests it here
+    encoder = ablate_config(tmp_path)["encoder"]
+    assert (encoder["image_size"], encoder["mean"], encoder["std"]) == (192, [0.5] * 3, [0.25] * 3)
+    assert encoder["inference_mode"] and "drop_path_rate" not in encoder
+    write_hf_config(tmp_path)
+    assert ablate_config(tmp_path)["encoder"]["inference_mode"] is False  # timm's default: the train form
+    write_hf_config(tmp_path, features_only=True)
+    with pytest.raises(CheckpointError, match=r"model_args \['features_only'\] have no counterpart in encoder"):
+        ablate_config(tmp_path)
+
+
+def test_not_a_vlm_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json.*encoder.weights=PATH"):
         ablate.from_checkpoint(tmp_path)
+    weights_file = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(weights_file))
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        ablate.build("tiny", [f"weights={weights_file}"])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(CheckpointError, match="Unknown checkpoint format.*bert"):
+    with pytest.raises(CheckpointError, match="Unknown checkpoint format.*'bert'.*encoder.weights=PATH"):
+        ablate.from_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "fastvit_mci3", "num_classes": 768}))
+    with pytest.raises(CheckpointError, match="timm 'fastvit_mci3' model.*encoder.weights="):
         ablate.from_checkpoint(tmp_path)
 
 

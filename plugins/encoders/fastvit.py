@@ -1,90 +1,121 @@
-"""The FastViT family (FastViT/MCi2, FastViTHD = MCi3, MCi4) as one configurable encoder, on timm's FastVit.
+"""The FastViT family (FastViT/MCi2, FastViTHD = MCi3, MCi4) as one configurable encoder on timm's `FastVit`.
 
 Everything the FastVLM paper ablates is a config key: blocks and widths per stage, token mixer and positional
 encoding per stage, which stages downsample (total stride 32 or 64), MLP ratios, the final expansion conv, and
 the multi-scale fusion of paper figure 2 (pool earlier stages to the final grid, concatenate along channels),
 which the released code never shipped. `inference_mode` picks the reparameterized (fused) form or the
 multi-branch train form; `reparameterize()` turns the second into the first.
+
+timm builds every block; this module only configures it, runs its stem/stages/final conv, and adds the fusion
+poolings. Facts and key maps: shared/spec/fastvlm.md (sections 1 and 3.6).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal, get_type_hints
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.fastvit import FastVit, RepConditionalPosEnc
 from timm.utils.model import reparameterize_model
 from torch import nn
 
 from ablate.components import EncoderConfig, EncoderOutput, Preprocessing, VisionEncoder, check_multiple
-from ablate.errors import ConfigError
+from ablate.errors import CheckpointError, ConfigError
 from ablate.hookspecs import hookimpl
 from ablate.weights import load_state_dict_strict, read_tensors
 
+# Config strings -> timm layer factories (as timm's fastvit_mci* factories pass them).
 POSITIONAL_ENCODINGS = {"rcpe7": partial(RepConditionalPosEnc, spatial_shape=(7, 7))}
-NORMS = {"batchnorm": nn.BatchNorm2d, "layernorm2d": partial(LayerNorm2d, eps=1e-5)}
-STEM_STRIDE = 4
-DOWNSAMPLE_STRIDE = 2
+NORMS = {"layernorm2d": partial(LayerNorm2d, eps=1e-5), "batchnorm": nn.BatchNorm2d}
+TOKEN_MIXERS = ("repmixer", "attention")
+FUSIONS = ("dwconv", "avgpool")
+ATTENTION_HEAD_DIM = 32  # timm's FastViT Attention: heads = width // 32
+STEM_STRIDE = 4  # the stem's two stride-2 MobileOne blocks
+DOWNSAMPLE_STRIDE = 2  # each PatchEmbed
+
+
+# ---------------------------------------------------------------------------------------------- config
 
 
 @dataclass
 class FastViTConfig(EncoderConfig):
-    """Defaults: a tiny FastViTHD-shaped model (5 stages, stride 64), cheap enough for any test."""
+    """FastViT family options. Defaults: FastViTHD's layout at toy widths (stride 64), cheap enough for any test."""
 
     image_size: int = 128
     layers: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1])  # blocks per stage
-    embed_dims: list[int] = field(default_factory=lambda: [16, 16, 32, 32, 64])  # attention widths: multiples of 32
-    mlp_ratios: list[float] = field(default_factory=lambda: [3.0] * 5)
+    embed_dims: list[int] = field(default_factory=lambda: [16, 16, 32, 32, 64])  # attention stages: multiples of 32
+    mlp_ratios: list[float] = field(default_factory=lambda: [4.0] * 5)
     token_mixers: list[str] = field(default_factory=lambda: ["repmixer"] * 3 + ["attention"] * 2)
     pos_embs: list[str | None] = field(default_factory=lambda: [None, None, None, "rcpe7", "rcpe7"])
-    downsamples: list[bool] = field(default_factory=lambda: [False] + [True] * 4)  # before each stage
+    # timm semantics: a PatchEmbed (stride 2) *before* the stage. The stem adds stride 4.
+    downsamples: list[bool] = field(default_factory=lambda: [False] + [True] * 4)
     se_downsamples: list[bool] = field(default_factory=lambda: [False] * 5)
-    norm: Literal["layernorm2d", "batchnorm"] = "layernorm2d"  # norm before attention
-    lkc_use_act: bool = True  # GELU after the large-kernel downsampling conv (MCi models use it)
-    stem_use_scale_branch: bool = False
+    norm: Literal["layernorm2d", "batchnorm"] = "layernorm2d"  # the norm before attention
+    lkc_use_act: bool = True  # GELU after the large-kernel downsampling conv (all MCi models)
+    stem_use_scale_branch: bool = False  # train form: 1x1 scale branch in the stem's 3x3 blocks
     final_conv: bool = True  # the expansion conv ("conv_exp"); off: tokens are the last stage's output
     cls_ratio: float = 2.0  # final conv width = cls_ratio * last stage width
     inference_mode: bool = True  # True: reparameterized (fused) form; False: multi-branch train form
-    fusion_stages: list[int] = field(default_factory=list)  # earlier stages pooled to the final grid and concatenated
+    # Multi-scale fusion (paper fig. 2): these earlier stages, pooled to the final grid, concatenated after it.
+    fusion_stages: list[int] = field(default_factory=list)
     fusion: Literal["dwconv", "avgpool"] = "dwconv"
-    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # FastVLM feeds [0, 1] pixels unnormalized
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # FastVLM feeds [0, 1] pixels as they are
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
 
-def _check(config: FastViTConfig) -> None:
+def _one_of(key: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not an option: use one of {list(options)}.")
+
+
+def validate(config: FastViTConfig) -> None:
+    """Raise ConfigError, naming the key, for settings timm would reject late or get silently wrong."""
     stages = len(config.layers)
+    if stages == 0:
+        raise ConfigError("encoder.layers is empty: give the number of blocks of each stage, e.g. [2, 12, 24, 4, 2].")
     for key in ("embed_dims", "mlp_ratios", "token_mixers", "pos_embs", "downsamples", "se_downsamples"):
         if len(getattr(config, key)) != stages:
             raise ConfigError(
-                f"encoder.{key} has {len(getattr(config, key))} entries but encoder.layers has {stages} stages; "
+                f"encoder.{key} has {len(getattr(config, key))} entries but encoder.layers has {stages} stages: "
                 f"give one entry per stage."
             )
-    for i, (mixer, width) in enumerate(zip(config.token_mixers, config.embed_dims)):
-        if mixer not in ("repmixer", "attention"):
-            raise ConfigError(f"encoder.token_mixers[{i}]='{mixer}': use 'repmixer' or 'attention'.")
-        if mixer == "attention" and width % 32:
+    for i, (mixer, pos, width) in enumerate(zip(config.token_mixers, config.pos_embs, config.embed_dims)):
+        _one_of(f"encoder.token_mixers[{i}]", mixer, TOKEN_MIXERS)
+        _one_of(f"encoder.pos_embs[{i}]", pos, [None, *POSITIONAL_ENCODINGS])
+        if mixer == "attention" and width % ATTENTION_HEAD_DIM:
             raise ConfigError(
-                f"encoder.embed_dims[{i}]={width} is an attention stage: its width must be a multiple of 32 "
-                f"(head_dim 32)."
+                f"encoder.embed_dims[{i}]={width} is an attention stage, whose width must be a multiple of "
+                f"{ATTENTION_HEAD_DIM} (timm's head_dim): use {max(32, round(width / 32) * 32)}."
             )
-    for i, pos in enumerate(config.pos_embs):
-        if pos is not None and pos not in POSITIONAL_ENCODINGS:
-            raise ConfigError(f"encoder.pos_embs[{i}]='{pos}': use null or one of {list(POSITIONAL_ENCODINGS)}.")
+        # timm downsamples any stage that changes width, whatever the flag says; the stride would silently differ.
+        if i > 0 and not config.downsamples[i] and width != config.embed_dims[i - 1]:
+            raise ConfigError(
+                f"encoder.downsamples[{i}] is false but stage {i} changes width ({config.embed_dims[i - 1]} -> "
+                f"{width}); only a downsampling stage can change width: set it true or keep the width."
+            )
+    _one_of("encoder.norm", config.norm, NORMS)
+    _one_of("encoder.fusion", config.fusion, FUSIONS)
+    if config.final_conv and config.cls_ratio <= 0:
+        raise ConfigError(f"encoder.cls_ratio={config.cls_ratio} must be positive (final conv width / last width).")
+    if len(set(config.fusion_stages)) != len(config.fusion_stages):
+        raise ConfigError(f"encoder.fusion_stages={config.fusion_stages} names a stage twice.")
     for stage in config.fusion_stages:
         if not 0 <= stage < stages - 1:
             raise ConfigError(
                 f"encoder.fusion_stages holds {stage}: fuse earlier stages only, 0..{stages - 2} (the last stage "
                 f"is always used)."
             )
+    for key in ("mean", "std"):
+        if len(getattr(config, key)) != 3:
+            raise ConfigError(f"encoder.{key} needs 3 values (R, G, B), not {getattr(config, key)}.")
 
 
 def stage_strides(config: FastViTConfig) -> list[int]:
-    """Total stride of each stage's output."""
+    """Total stride of each stage's output (stem x4, then x2 per downsampling stage)."""
     strides, stride = [], STEM_STRIDE
     for downsample in config.downsamples:
         stride *= DOWNSAMPLE_STRIDE if downsample else 1
@@ -92,15 +123,18 @@ def stage_strides(config: FastViTConfig) -> list[int]:
     return strides
 
 
+# --------------------------------------------------------------------------------------------- encoder
+
+
 class FastViT(VisionEncoder):
-    """FastViT family member configured from its config (generic; defaults to a tiny stride-64 model)."""
+    """FastViT family member built from its config (generic name; defaults to a tiny stride-64 model)."""
 
     name = "fastvit"
     Config = FastViTConfig
 
     def __init__(self, config: FastViTConfig):
         super().__init__(config)
-        _check(config)
+        validate(config)
         self.model = FastVit(
             layers=tuple(config.layers),
             token_mixers=tuple(config.token_mixers),
@@ -116,51 +150,54 @@ class FastViT(VisionEncoder):
             num_classes=0,
             inference_mode=config.inference_mode,
         )
-        self.model.head = nn.Identity()  # the classifier/CLIP head is never used by a VLM
+        self.model.head = nn.Identity()  # global pool + classifier: a VLM takes the feature map
         if not config.final_conv:
             self.model.final_conv = nn.Identity()
         strides = stage_strides(config)
         self.stride = strides[-1]
-        final_width = int(config.embed_dims[-1] * config.cls_ratio) if config.final_conv else config.embed_dims[-1]
-        # Multi-scale fusion: one pooling per fused stage, from its stride down to the final one.
+        # One pooling per fused stage, from its stride down to the final one (a depthwise conv learns the pooling).
         self.fusion = nn.ModuleDict()
-        for stage in sorted(set(config.fusion_stages)):
+        for stage in sorted(config.fusion_stages):
             factor, width = self.stride // strides[stage], config.embed_dims[stage]
             self.fusion[str(stage)] = (
                 nn.Conv2d(width, width, kernel_size=factor, stride=factor, groups=width)
                 if config.fusion == "dwconv"
                 else nn.AvgPool2d(kernel_size=factor, stride=factor)
             )
-        self.width = final_width + sum(config.embed_dims[int(s)] for s in self.fusion)
+        final_width = int(config.embed_dims[-1] * config.cls_ratio) if config.final_conv else config.embed_dims[-1]
+        self.width = final_width + sum(config.embed_dims[int(stage)] for stage in self.fusion)
         if config.weights:
             self.load_weights(config.weights)
 
     @property
     def form(self) -> str:
+        """'inference' (reparameterized, fused) or 'train' (multi-branch)."""
         return "inference" if self.config.inference_mode else "train"
 
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
-            image_size=self.config.image_size, mean=tuple(self.config.mean), std=tuple(self.config.std),
-            resize="pad", interpolation="bicubic",
+            image_size=self.config.image_size,
+            mean=tuple(self.config.mean),
+            std=tuple(self.config.std),
+            resize="pad",
+            interpolation="bicubic",
         )
 
     def num_tokens(self, image_size: int | None = None) -> int:
-        size = image_size or self.config.image_size
+        size = self.config.image_size if image_size is None else image_size
         check_multiple(self.name, size, self.stride)
         return (size // self.stride) ** 2
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        # timm's forward_features (stem, stages, final conv), run stage by stage to catch the fused stages' maps.
         x = self.model.stem(pixel_values)
-        pooled = []
+        fused = []
         for index, stage in enumerate(self.model.stages):
             x = stage(x)
             if str(index) in self.fusion:
-                pooled.append(self.fusion[str(index)](x))
-        x = self.model.final_conv(x)
-        if pooled:
-            x = torch.cat([x, *pooled], dim=1)
+                fused.append(self.fusion[str(index)](x))
+        x = torch.cat([self.model.final_conv(x), *fused], dim=1)
         return EncoderOutput(tokens=x.flatten(2).transpose(1, 2), grid=(x.shape[2], x.shape[3]))
 
     def reparameterize(self) -> None:
@@ -169,93 +206,171 @@ class FastViT(VisionEncoder):
         self.config.inference_mode = True
 
     def load_weights(self, path: str) -> None:
-        """Encoder-only weights: timm FastViT/MobileCLIP keys, or the official ml-fastvlm/MobileCLIP names."""
+        """Encoder weights from a local file: this encoder's own state_dict, timm FastViT keys, or the official
+        ml-fastvlm / MobileCLIP names (any `head.*` is dropped). Loaded strictly."""
         if any(p.is_meta for p in self.parameters()):
-            return  # counting on the meta device: shapes only
+            return  # a meta-device build only counts shapes
         tensors = read_tensors(path)
-        if any(key.startswith(("network.", "patch_embed.")) for key in tensors):
-            tensors = convert_mci_state_dict(tensors, self.config)
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
-        target = {f"model.{k}": v for k, v in tensors.items()} if not any(k.startswith("model.") for k in tensors) else tensors
-        load_state_dict_strict(self, target, what=f"encoder '{self.name}' (encoder.weights={path})")
+        what = f"encoder '{self.name}' (encoder.weights={path})"
+        if any(key.startswith("model.") for key in tensors):  # saved from this class: fusion weights included
+            load_state_dict_strict(self, tensors, what)
+            return
+        tensors = convert_mci_state_dict(tensors)
+        checkpoint_form = _form_of(tensors)
+        if checkpoint_form and checkpoint_form != self.form:
+            layout, setting = _FORMS[checkpoint_form]
+            raise CheckpointError(
+                f"{path} holds {checkpoint_form}-form ({layout}) FastViT weights but {what} is built in {self.form} "
+                f"form: set encoder.inference_mode={setting}."
+            )
+        load_state_dict_strict(self.model, tensors, what)  # fusion poolings, if any, keep their initialization
 
 
-def convert_mci_state_dict(tensors: dict[str, torch.Tensor], config: FastViTConfig) -> dict[str, torch.Tensor]:
-    """Official ml-fastvlm / MobileCLIP FastViT key names -> timm's (spec: fastvlm.md section 3.6).
+# form -> (what its weights look like, the inference_mode setting that loads them)
+_FORMS = {"train": ("multi-branch", "false (then reparameterize() fuses them)"), "inference": ("fused", "true")}
 
-    Unlike timm's own filter this also maps the fused keys of inference-form checkpoints (`lkb_reparam`, fused
-    RepCPE `network.N.reparam_conv`), and it places stages from the config, not by guessing from key names.
+
+def _form_of(tensors: dict[str, torch.Tensor]) -> str | None:
+    """'train' or 'inference' from the stem's key names (timm names); None when there is no stem."""
+    stem = [key for key in tensors if key.startswith("stem.0.")]
+    if any(".conv_kxk." in key for key in stem):
+        return "train"
+    if any(".reparam_conv." in key for key in stem):
+        return "inference"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- checkpoint keys
+
+# Official (ml-fastvlm mci.py / MobileCLIP) -> timm names inside a module, as timm's checkpoint_filter_fn maps them,
+# plus `lkb_reparam`, the fused large-kernel conv that timm's filter misses.
+_RENAMES = (
+    ("patch_embed.", "stem."),
+    ("conv_exp.", "final_conv."),
+    ("convffn.", "mlp."),
+    ("se.reduce.", "se.fc1."),
+    ("se.expand.", "se.fc2."),
+    ("rbr_conv.", "conv_kxk."),
+    ("rbr_scale.", "conv_scale."),
+    ("rbr_skip.", "identity."),
+    ("lkb_origin.", "large_conv."),
+    ("lkb_reparam.", "reparam_conv."),
+)
+_LAYER_SCALE = re.compile(r"(layer_scale(?:_\d)?)$")  # official: a bare parameter; timm: LayerScale2d's .gamma
+_NETWORK = re.compile(r"network\.(\d+)\.(.*)")
+
+
+def convert_mci_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Encoder keys in official ml-fastvlm / MobileCLIP names -> timm `FastVit` names; `head.*` dropped.
+
+    Keys must be relative to the encoder (strip `model.vision_tower.vision_tower.model.` or similar first). Keys
+    already in timm names pass through (minus `head.*`). Both forms map: train (multi-branch) and fused, including
+    the 12 fused keys timm's own filter leaves behind in FastVLM checkpoints (`lkb_reparam`, and RepCPE's
+    `network.{6,9}.reparam_conv` -> `stages.{3,4}.pos_emb.reparam_conv`). Spec: fastvlm.md section 3.6.
     """
-    # The official flat `network` list holds, per stage: its downsample, its positional encoding, its blocks.
-    places: dict[int, str] = {}
-    index = 0
-    for stage, (downsample, pos) in enumerate(zip(config.downsamples, config.pos_embs)):
-        if stage > 0 and downsample:
-            places[index], index = f"stages.{stage}.downsample", index + 1
-        if pos:
-            places[index], index = f"stages.{stage}.pos_emb", index + 1
-        places[index], index = f"stages.{stage}.blocks", index + 1
-
-    renames = [
-        ("patch_embed", "stem"), ("conv_exp", "final_conv"), ("convffn", "mlp"), ("se.reduce", "se.fc1"),
-        ("se.expand", "se.fc2"), ("rbr_conv", "conv_kxk"), ("rbr_scale", "conv_scale"), ("rbr_skip", "identity"),
-        ("lkb_origin", "large_conv"), ("lkb_reparam", "reparam_conv"),
-    ]
+    official = any(key.startswith(("network.", "patch_embed.")) for key in state_dict)
+    places = _network_places(state_dict) if official else {}
     out = {}
-    for key, value in tensors.items():
-        for old, new in renames:
-            key = key.replace(old, new)
-        key = re.sub(r"layer_scale(_[12])?(?=\.|$)", lambda m: m.group(0) + ".gamma", key)
-        match = re.match(r"network\.(\d+)\.(.*)", key)
-        if match:
-            place, rest = places.get(int(match.group(1))), match.group(2)
-            if place is None:
-                raise ConfigError(f"Checkpoint key {key} has no place in this architecture (encoder.layers etc.).")
-            if place.endswith(".downsample"):
-                key = f"{place}.{rest}"
-            elif place.endswith(".pos_emb"):
-                key = f"{place}.{'pos_enc' + rest[2:] if rest.startswith('pe.') else rest}"
-            else:
-                key = f"{place}.{rest}"
+    for key, value in state_dict.items():
+        if key.startswith("head."):  # CLIP projection or classifier: not part of the encoder
+            continue
+        if official:
+            for old, new in _RENAMES:
+                key = key.replace(old, new)
+            key = _LAYER_SCALE.sub(r"\1.gamma", key)
+            match = _NETWORK.fullmatch(key)
+            if match:
+                place, rest = places[int(match.group(1))], match.group(2)
+                key = f"{place}.{'pos_enc.' + rest[3:] if rest.startswith('pe.') else rest}"
         out[key] = value
     return out
 
 
-def _preset(name: str, doc: str, **defaults) -> type[FastViT]:
-    """A registered family member: the same class, other config defaults (so `encoder=NAME` picks them)."""
-    class_name = name.title().replace("-", "")
-    fields = [
-        (key, get_type_hints(FastViTConfig)[key],
-         field(default_factory=lambda v=value: list(v)) if isinstance(value, list) else field(default=value))
-        for key, value in defaults.items()
-    ]
-    config = make_dataclass(f"{class_name}Config", fields, bases=(FastViTConfig,))
-    return type(class_name, (FastViT,), {"__doc__": doc, "name": name, "Config": config})
+def _network_places(state_dict: dict[str, torch.Tensor]) -> dict[int, str]:
+    """Where each entry of the official flat `network` list goes in timm's `stages`.
+
+    The list holds, per stage: its downsampling PatchEmbed (`.proj`), its RepCPE (`.pe` or fused `.reparam_conv`),
+    then its blocks (`.0`, `.1`, ...). Reading the kinds from the keys works for every layout (MCi2's 4 stages,
+    FastViTHD's 5) without being told the architecture; each run of blocks closes a stage.
+    """
+    kinds: dict[int, str] = {}
+    for key in state_dict:
+        match = _NETWORK.fullmatch(key)
+        if not match:
+            continue
+        rest = match.group(2)
+        if rest.startswith("proj."):
+            kinds[int(match.group(1))] = "downsample"
+        elif rest.startswith(("pe.", "reparam_conv.")):
+            kinds[int(match.group(1))] = "pos_emb"
+        elif rest.split(".")[0].isdigit():
+            kinds[int(match.group(1))] = "blocks"
+        else:
+            raise CheckpointError(f"Checkpoint key {key} is not a FastViT downsample, RepCPE or block key.")
+    places, stage = {}, 0
+    for index in sorted(kinds):
+        places[index] = f"stages.{stage}.{kinds[index]}"
+        stage += kinds[index] == "blocks"
+    return places
 
 
-_MCI_LARGE = dict(
-    mlp_ratios=[4.0] * 5, token_mixers=["repmixer"] * 3 + ["attention"] * 2, pos_embs=[None, None, None, "rcpe7", "rcpe7"],
-    downsamples=[False] + [True] * 4, se_downsamples=[False] * 5, norm="layernorm2d", lkc_use_act=True,
-    stem_use_scale_branch=False, image_size=1024,
-)
-FastViTHD = _preset(
-    "fastvithd", "FastViTHD (FastVLM's encoder, timm fastvit_mci3): stride 64, 3072-wide tokens.",
-    layers=[2, 12, 24, 4, 2], embed_dims=[96, 192, 384, 768, 1536], **_MCI_LARGE,
-)
-FastViTMCi4 = _preset(
-    "fastvit-mci4", "FastViT MCi4 (MobileCLIP2-S4 tower, timm fastvit_mci4): stride 64, 4096-wide tokens.",
-    layers=[2, 12, 24, 4, 4], embed_dims=[128, 256, 512, 1024, 2048], **_MCI_LARGE,
-)
-FastViTMCi2 = _preset(
-    "fastvit-mci2", "FastViT MCi2 (FastVLM's 'FastViT' baseline, timm fastvit_mci2): stride 32, 1280-wide tokens.",
-    layers=[4, 12, 24, 4], embed_dims=[80, 160, 320, 640], mlp_ratios=[3.0] * 4,
-    token_mixers=["repmixer"] * 3 + ["attention"], pos_embs=[None, None, None, "rcpe7"],
-    downsamples=[False, True, True, True], se_downsamples=[False, False, True, True], norm="batchnorm",
-    lkc_use_act=True, stem_use_scale_branch=True, image_size=768,
-)
-FastViTTiny = _preset(
-    "fastvit-tiny", "Tiny FastViTHD-shaped encoder (stride 64) for tests and demos; milliseconds on a CPU.",
-)
+# ------------------------------------------------------------------------------------ registered presets
+
+
+@dataclass
+class FastViTHDConfig(FastViTConfig):
+    image_size: int = 1024
+    layers: list[int] = field(default_factory=lambda: [2, 12, 24, 4, 2])
+    embed_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768, 1536])
+
+
+class FastViTHD(FastViT):
+    """FastViTHD, FastVLM's encoder (timm fastvit_mci3): stride 64, 3072-wide tokens, 122.7M params."""
+
+    name = "fastvithd"
+    Config = FastViTHDConfig
+
+
+@dataclass
+class FastViTMCi4Config(FastViTConfig):
+    image_size: int = 1024
+    layers: list[int] = field(default_factory=lambda: [2, 12, 24, 4, 4])
+    embed_dims: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+
+
+class FastViTMCi4(FastViT):
+    """FastViT MCi4 (MobileCLIP2-S4 image tower, timm fastvit_mci4): stride 64, 4096-wide tokens, 318M params."""
+
+    name = "fastvit-mci4"
+    Config = FastViTMCi4Config
+
+
+@dataclass
+class FastViTMCi2Config(FastViTConfig):
+    image_size: int = 768  # 576 tokens, the paper's FastViT operating point
+    layers: list[int] = field(default_factory=lambda: [4, 12, 24, 4])
+    embed_dims: list[int] = field(default_factory=lambda: [80, 160, 320, 640])
+    mlp_ratios: list[float] = field(default_factory=lambda: [3.0] * 4)
+    token_mixers: list[str] = field(default_factory=lambda: ["repmixer"] * 3 + ["attention"])
+    pos_embs: list[str | None] = field(default_factory=lambda: [None, None, None, "rcpe7"])
+    downsamples: list[bool] = field(default_factory=lambda: [False, True, True, True])
+    se_downsamples: list[bool] = field(default_factory=lambda: [False, False, True, True])
+    norm: Literal["layernorm2d", "batchnorm"] = "batchnorm"
+    stem_use_scale_branch: bool = True
+
+
+class FastViTMCi2(FastViT):
+    """FastViT MCi2 (FastVLM's 'FastViT' baseline, timm fastvit_mci2): stride 32, 1280-wide tokens."""
+
+    name = "fastvit-mci2"
+    Config = FastViTMCi2Config
+
+
+class FastViTTiny(FastViT):
+    """Tiny FastViTHD-shaped encoder (stride 64, 128-wide tokens) for tests and demos; milliseconds on a CPU."""
+
+    name = "fastvit-tiny"
+    Config = FastViTConfig  # the family defaults are this tiny model
 
 
 @hookimpl
