@@ -144,12 +144,23 @@ def check_fits(vlm: VLM, options: RunOptions) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(options: RunOptions) -> dict[str, Any]:
     import timm
     import transformers
 
     device = torch.device(options.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "device": str(device),
         "device_name": name,

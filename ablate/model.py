@@ -118,7 +118,7 @@ class VLM(nn.Module):
         text = torch.randint(0, high, (batch_size, prompt_tokens), generator=generator)
         text[text == self.image_token_id] = 0
         placeholder = torch.full((batch_size, 1), self.image_token_id, dtype=text.dtype)
-        return torch.cat([placeholder, text], dim=1).to(self.device if not _is_meta(self) else "meta")
+        return torch.cat([placeholder, text], dim=1).to(self.device)
 
     def num_visual_tokens(self) -> int | None:
         """Tokens handed to the LLM for one image at the configured size (None if image-dependent)."""
@@ -141,10 +141,6 @@ class VLM(nn.Module):
 
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _is_meta(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
 
 
 def _square_grid(count: int) -> tuple[int, int] | None:
