@@ -1,4 +1,4 @@
-"""Shared helpers: the tiny preset and a way to run the real CLI in a subprocess."""
+"""Shared helpers: the tiny preset's name and a way to run the real CLI in a subprocess."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "tiny"  # experiments/tiny.yaml: tiny FastViT-style encoder + tiny Qwen2
@@ -26,8 +24,3 @@ def run_json(*args: str, **kwargs) -> dict:
     result = run_cli("run", *args, "--json", **kwargs)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
-
-
-@pytest.fixture
-def tiny_overrides() -> list[str]:
-    return []
