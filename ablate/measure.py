@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import statistics
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from ablate.config import VLMConfig, load_config
 from ablate.errors import ConfigError, ResourceError
 from ablate.model import VLM, build
 from ablate.preprocess import load_image, preprocess, synthetic_image
-from ablate.timing import StageTimer, median, spread
+from ablate.timing import StageTimer, spread
 
 RESULT_SCHEMA_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -281,7 +282,7 @@ def time_stages(vlm: VLM, config: VLMConfig, options: RunOptions, image, progres
     samples["stage_sum"] = [sum(parts) for parts in zip(*(samples[name] for name in STAGES))]
     keys = ("preprocess",) + STAGES + ("stage_sum", "ttft")
     return (
-        {key: median(samples[key]) for key in keys},
+        {key: statistics.median(samples[key]) for key in keys},
         {key: spread(samples[key]) for key in keys},
         visual_tokens,
     )

@@ -20,7 +20,7 @@ import pluggy
 from omegaconf import OmegaConf
 
 from ablate import hookspecs
-from ablate.components import COMPONENT_BASES, describe
+from ablate.components import COMPONENT_BASES
 from ablate.errors import PluginError, UnknownComponentError, did_you_mean
 
 KINDS = tuple(hookspecs.HOOKS)
@@ -149,9 +149,6 @@ class Registry:
             f"Unknown {kind} '{name}'{where}.{hint} Available {kind}s: {available}. "
             f"Run `ablate list {kind}` for descriptions and options.{broken_note}"
         )
-
-    def describe(self, kind: str, name: str) -> str:
-        return describe(self.get(kind, name))
 
 
 _registry: Registry | None = None

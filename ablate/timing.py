@@ -41,10 +41,6 @@ class StageTimer:
             self.samples[name].append(value_ms)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def spread(values: list[float]) -> float:
     """Interquartile range (p75 - p25): robust to one-off hiccups on a noisy machine; 0 for one sample."""
     if len(values) < 2:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -20,7 +19,3 @@ def alternate(candidates: dict[str, Callable[[], object]], repeats: int, warmup:
             if round_index >= warmup:
                 samples[name].append(elapsed)
     return samples
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)

@@ -9,12 +9,13 @@ the script checks the outputs agree and prints medians and the ratio toolkit / t
 from __future__ import annotations
 
 import argparse
+from statistics import median
 
 import timm
 import torch
 
 from ablate.registry import get_registry
-from alternate import alternate, median
+from alternate import alternate
 
 TIMM_NAMES = {"fastvithd": "fastvit_mci3", "fastvit-mci2": "fastvit_mci2", "fastvit-mci4": "fastvit_mci4"}
 

@@ -9,6 +9,7 @@ that they give the same logits, then prints medians and the ratio (target: toolk
 from __future__ import annotations
 
 import argparse
+from statistics import median
 
 import timm
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import ablate
-from alternate import alternate, median
+from alternate import alternate
 
 
 def hand_written(vlm):

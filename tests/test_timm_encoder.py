@@ -87,3 +87,10 @@ def test_unknown_timm_model_is_a_config_error():
 
     with pytest.raises(ConfigError, match="encoder.model_name"):
         encoder(model_name="vit_nonexistent_patch3")
+
+
+def test_attention_of_the_last_block_when_the_last_block_is_selected():
+    enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, feature_block=-1)
+    assert enc._attention_module() is enc.model.blocks[-1].attn.qkv
+    enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, feature_block=5)
+    assert enc._attention_module() is enc.model.blocks[6].attn.qkv

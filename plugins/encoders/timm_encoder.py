@@ -54,7 +54,6 @@ class TimmEncoder(VisionEncoder):
             chosen = _feature_info(self.model)[config.feature_block]
             self.width, self.stride = int(chosen["num_chs"]), int(chosen["reduction"])
         self._captured: dict[str, torch.Tensor] = {}
-        self._hook = None
         self._token_counts: dict[int, int] = {}
         if config.feature_block is not None and blocks is not None and not -len(blocks) <= config.feature_block < len(blocks):
             raise ConfigError(
@@ -102,7 +101,7 @@ class TimmEncoder(VisionEncoder):
     def request(self, needs: frozenset[str]) -> None:
         super().request(needs)
         if ATTENTION in needs:
-            self._hook = self._attention_module().register_forward_hook(self._capture_qkv)
+            self._attention_module().register_forward_hook(self._capture_qkv)
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         return self._features(pixel_values, capture=True)
@@ -151,10 +150,10 @@ class TimmEncoder(VisionEncoder):
 
     def _attention_module(self) -> torch.nn.Module:
         blocks = self.model.blocks
-        index = self.config.attention_block
-        if index is None:
-            index = len(blocks) - 1 if self.config.feature_block is None else self.config.feature_block + 1
-            index = min(index % len(blocks), len(blocks) - 1) if index >= 0 else index % len(blocks)
+        index, count = self.config.attention_block, len(blocks)
+        if index is None:  # the block after the selected features, or the last one
+            feature = self.config.feature_block
+            index = count - 1 if feature is None else min(feature % count + 1, count - 1)
         return blocks[index].attn.qkv
 
     def _capture_qkv(self, module, inputs, output) -> None:
