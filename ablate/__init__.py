@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 from ablate.hookspecs import hookimpl
-
-__version__ = "0.1.0"
+from ablate.version import __version__
 
 __all__ = ["VLM", "__version__", "build", "from_checkpoint", "hookimpl", "load_config", "measure"]
 
+# The public API, imported on first use: `import ablate` (which every plugin does) and the CLI's startup stay light,
+# and torch loads only when a model is needed. Module names differ from these names, so nothing shadows them.
+_LAZY = {
+    "VLM": "ablate.model",
+    "build": "ablate.model",
+    "from_checkpoint": "ablate.model",
+    "load_config": "ablate.config",
+    "measure": "ablate.measurement",
+}
+
 
 def __getattr__(name: str):
-    # Lazy: plugins import `ablate.hookimpl` while the registry loads them, before model code is needed.
-    if name in ("build", "VLM"):
-        from ablate import model
+    if name in _LAZY:
+        import importlib
 
-        return getattr(model, name)
-    if name == "load_config":
-        from ablate.config import load_config
-
-        return load_config
-    if name == "measure":
-        from ablate.measure import measure
-
-        return measure
-    if name == "from_checkpoint":
-        from ablate.checkpoints import from_checkpoint
-
-        return from_checkpoint
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ablate' has no attribute {name!r}")

@@ -1,287 +1,104 @@
-"""Real FastVLM weights, offline: read a checkpoint directory, build what its config describes, load strictly.
+"""Whole-VLM checkpoint directories, generically: read config.json, ask each registered format whether it knows the
+directory, turn it into an ablate config, and load its tensors strictly after `build`.
 
-Two whole-VLM layouts are understood (spec: fastvlm.md sections 3.4-4):
-
-* transformers FastVLM: config.json with `model_type: fast_vlm` (FastVlmForConditionalGeneration), safetensors
-  (sharded or not). Keys `model.vision_tower.timm_model.*` (timm FastVit), `model.multi_modal_projector.linear_{1,2}.*`,
-  `model.language_model.*`, `lm_head.*`. Input size, mean and std come from the saved image processor.
-* the original ml-fastvlm LLaVA layout: `model_type: llava_qwen2`, Qwen2 fields at the top level of config.json,
-  the input size in the tower name (`mm_vision_tower: mobileclip_l_1024`). Keys: the fused FastViTHD in its
-  official names under `model.vision_tower.vision_tower.model.` (`head.proj`, the CLIP projection, is dropped),
-  `model.mm_projector.{0,2}.*`, and Qwen2's `model.*` and `lm_head.*`.
-
-Encoder-only weights (timm or MobileCLIP) are no VLM checkpoint: they load through `encoder.weights=PATH`.
-
-Both layouts are FastVLM's parts, so this module is the one place in the core that knows built-in plugins: by
-config name, and in the key maps by attribute (`encoder.model` is the timm FastVit, `connector.layers` the
-mlp2x_gelu Sequential, `decoder.lm` the transformers causal LM). Plugin code is imported only when it is needed.
+The layouts themselves (transformers' FastVLM, ml-fastvlm's LLaVA, ...) are `CheckpointFormat` plugins registered
+through the `register_checkpoint_formats` hook; this module knows none of them by name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ablate.components import CheckpointFormat
 from ablate.errors import CheckpointError
+from ablate.registry import KINDS, Registry, get_registry
 from ablate.weights import load_state_dict_strict, read_tensors
 
-TRANSFORMERS, LLAVA = "transformers FastVLM", "ml-fastvlm LLaVA"
-SUPPORTED = "a transformers FastVLM (model_type fast_vlm) or ml-fastvlm LLaVA (model_type llava_qwen2) directory"
-
-# timm architecture of transformers' TimmWrapper vision tower -> the ablate encoder that builds it.
-VISION_TOWERS = {"fastvit_mci3": "fastvithd", "fastvit_mci2": "fastvit-mci2", "fastvit_mci4": "fastvit-mci4"}
-# LLaVA tower name without its size suffix -> ablate encoder ("mobileclip_l_1024" is FastViTHD at 1024 px).
-LLAVA_TOWERS = {"mobileclip_l": "fastvithd"}
-# timm create_model arguments that only matter for training (dropout, initialization): nothing to build.
-TRAINING_ONLY_ARGS = {"drop_rate", "proj_drop_rate", "drop_path_rate", "layer_scale_init_value"}
-# transformers config entries that are bookkeeping, not architecture.
-NOT_ARCHITECTURE = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "use_cache",
-                    "auto_map", "id2label", "label2id"}
-# LLaVA's own config entries beside the Qwen2 ones (training switches, tower and projector choice, tokenizer).
-LLAVA_ONLY_KEYS = re.compile(r"^(mm_|image_|tokenizer_|tune_|freeze_|unfreeze_|use_mm_|vision_tower|s2)")
-# Decoder config values that pick a same-sized preset for the record (`decoder.arch: qwen2-0.5b`). Not the vocabulary:
-# converted checkpoints pad it (an added image token).
-SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-
-LLAVA_VISION_PREFIX = "model.vision_tower.vision_tower.model."
-# Checkpoint key prefix -> module path in the VLM; first match wins.
-TRANSFORMERS_KEYS = (
-    ("model.vision_tower.timm_model.", "encoder.model."),
-    ("model.multi_modal_projector.linear_1.", "connector.layers.0."),
-    ("model.multi_modal_projector.linear_2.", "connector.layers.2."),
-    ("model.language_model.", "decoder.lm.model."),
-    ("lm_head.", "decoder.lm.lm_head."),
-)
-LLAVA_KEYS = (
-    ("model.mm_projector.", "connector.layers."),  # indices 0 and 2 on both sides (1 is the GELU)
-    ("model.", "decoder.lm.model."),
-    ("lm_head.", "decoder.lm.lm_head."),
-)
-LM_HEAD, EMBEDDINGS = "decoder.lm.lm_head.weight", "decoder.lm.model.embed_tokens.weight"
+if TYPE_CHECKING:  # pragma: no cover
+    from ablate.model import VLM
 
 
-# ---------------------------------------------------------------------------------------- public API
-
-
-def from_checkpoint(path: str | os.PathLike, overrides: Iterable[str] = (), **build_options):
-    """Build the VLM a checkpoint directory describes and load every one of its tensors.
-
-    `overrides` apply on top of the checkpoint's own config, e.g. ["encoder.image_size=512"] to run the released
-    weights at another resolution; `build_options` are `ablate.build`'s (device, dtype).
-    """
-    from ablate.model import build
-
-    return build(ablate_config(path), overrides, **build_options)
-
-
-def load_vlm_weights(vlm, path: str | os.PathLike) -> None:
-    """Load a whole-VLM checkpoint directory onto a built VLM, strictly (every tensor, every shape)."""
-    directory = Path(path)
-    layout = checkpoint_format(read_config(directory), directory)
-    if not hasattr(vlm.decoder, "lm"):
-        raise CheckpointError(
-            f"{directory} holds a FastVLM (FastViT encoder, mlp2x_gelu connector, transformers LLM), but the config "
-            f"builds decoder '{vlm.decoder.name}'. Keep decoder=hf-causal-lm to load these weights."
-        )
-    tensors = _to_vlm_keys(read_tensors(directory), layout)
-    hint = _complete_tied_head(vlm, tensors)
-    try:
-        load_state_dict_strict(vlm, tensors, f"{layout} checkpoint {directory} (keys shown as mapped onto the VLM)")
-    except CheckpointError as exc:
-        if not hint:
-            raise
-        raise CheckpointError(f"{exc} {hint}") from None
-
-
-def ablate_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ablate config (a plain dict, `weights` included) of the model a checkpoint directory describes."""
-    directory = Path(path)
-    config = read_config(directory)
-    layout = checkpoint_format(config, directory)
-    parts = _transformers_parts if layout == TRANSFORMERS else _llava_parts
-    encoder, text_config, image_token_id = parts(config, directory)
-    return {
-        "name": directory.name,
-        "encoder": encoder,
-        "reducer": {"name": "none"},
-        "connector": {"name": "mlp2x_gelu"},
-        "decoder": _decoder_node(text_config),
-        "image_token_id": image_token_id,
-        "weights": os.path.abspath(directory),  # absolute: the record must still find it from elsewhere
-    }
-
-
-def read_config(directory: Path) -> dict[str, Any]:
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    """A checkpoint directory's config.json, as a dict."""
     path = directory / "config.json"
     if not directory.is_dir() or not path.is_file():
         raise CheckpointError(
-            f"{directory} is not a checkpoint directory (no config.json). Whole-VLM weights load from {SUPPORTED}; "
-            f"for encoder-only weights (timm or MobileCLIP keys) use encoder.weights=PATH instead."
+            f"{directory} is not a checkpoint directory (no config.json). Whole-VLM weights load from a directory in "
+            f"one of the formats `ablate plugins` lists; for one component's weights use encoder.weights=PATH (or "
+            f"connector.weights, decoder.weights) instead."
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}). Restore the checkpoint's config.json.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of config keys. Restore the checkpoint's "
+            f"config.json."
+        )
+    return config
 
 
-def checkpoint_format(config: dict[str, Any], directory: Path) -> str:
-    model_type = config.get("model_type")
-    if model_type == "fast_vlm":
-        return TRANSFORMERS
-    if model_type == "llava_qwen2":
-        return LLAVA
+def detect_format(directory: Path, registry: Registry | None = None) -> CheckpointFormat:
+    """The registered format that recognises `directory`."""
+    registry = registry or get_registry()
+    hf_config = read_hf_config(directory)
+    for name in registry.names("checkpoint_format"):
+        fmt = registry.get("checkpoint_format", name)()
+        with registry.blame("checkpoint_format", name, f"inspecting {directory}"):
+            if fmt.detect(directory, hf_config):
+                return fmt
+    formats = ", ".join(registry.names("checkpoint_format")) or "none registered"
     timm_hint = ""
-    if "architecture" in config:  # a timm model directory: encoder-only weights
-        timm_hint = (f" It looks like a timm '{config['architecture']}' model: load it as encoder weights, e.g. "
-                     f"encoder=fastvithd encoder.weights={directory / 'model.safetensors'}.")
+    if "architecture" in hf_config:  # a timm model directory: one component's weights, not a whole VLM
+        timm_hint = (
+            f" It looks like a timm '{hf_config['architecture']}' model: load it as encoder weights, e.g. "
+            f"encoder.weights={directory / 'model.safetensors'}."
+        )
     raise CheckpointError(
-        f"Unknown checkpoint format in {directory}: config.json has model_type '{model_type}'. ablate.from_checkpoint "
-        f"and weights=PATH read {SUPPORTED}; for encoder-only weights use encoder.weights=PATH.{timm_hint}"
+        f"Unknown checkpoint format in {directory} (config.json has model_type '{hf_config.get('model_type')}'). "
+        f"Registered formats: {formats}. A plugin can add one (CONTRIBUTING.md, 'Add a checkpoint format'); for one "
+        f"component's weights use encoder.weights=PATH instead.{timm_hint}{registry.broken_note()}"
     )
 
 
-# ------------------------------------------------------------------------------- config -> ablate config
+def checkpoint_config(directory: Path, registry: Registry | None = None) -> dict[str, Any]:
+    """The ablate config (a plain dict) of the model a checkpoint directory holds, `weights` pointing at it."""
+    registry = registry or get_registry()
+    fmt = detect_format(directory, registry)
+    with registry.blame("checkpoint_format", fmt.name, f"reading {directory}"):
+        config = fmt.config(directory, read_hf_config(directory))
+    return {"name": directory.name, **config, "weights": os.path.abspath(directory)}
 
 
-def _transformers_parts(config: dict[str, Any], directory: Path) -> tuple[dict, dict, int]:
-    vision = config.get("vision_config") or {}
-    architecture = vision.get("architecture", "fastvit_mci3")  # FastVlmConfig's default tower
-    if architecture not in VISION_TOWERS:
-        raise CheckpointError(
-            f"{directory}: vision tower '{architecture}' is not supported; supported: {', '.join(VISION_TOWERS)}."
-        )
-    name = VISION_TOWERS[architecture]
-    # timm builds the multi-branch train form unless model_args say inference_mode (FastVLM's always do).
-    encoder = {"name": name, "inference_mode": False, **_image_processor(directory)}
-    encoder.update(_encoder_options(name, vision.get("model_args") or {}, directory))
-    if config.get("projector_hidden_act", "gelu") != "gelu" or not config.get("multimodal_projector_bias", True):
-        raise CheckpointError(f"{directory}: only FastVLM's projector (Linear, GELU, Linear, biases) is supported.")
-    if not config.get("text_config"):
-        raise CheckpointError(f"{directory}/config.json has no text_config: the LLM cannot be built from it.")
-    text = dict(config["text_config"])
-    # FastVlmConfig ties the LM head when either level says so (its __post_init__); mirror that.
-    text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
-    image_token_id = config.get("image_token_id", config.get("image_token_index", 151646))  # FastVlmConfig default
-    return encoder, text, image_token_id
+def load_weights(vlm: VLM, registry: Registry | None = None) -> list[str]:
+    """Load every weights path the VLM's config names, strictly: each component's, then a whole-VLM checkpoint.
 
-
-def _llava_parts(config: dict[str, Any], directory: Path) -> tuple[dict, dict, None]:
-    tower = str(config.get("mm_vision_tower", ""))
-    # The official tower wrapper reads the input size from the name's suffix ("mobileclip_l_1024"); so do we.
-    prefix, _, size = tower.rpartition("_")
-    if prefix not in LLAVA_TOWERS or not size.isdigit():
-        raise CheckpointError(
-            f"{directory}: LLaVA vision tower '{tower}' is not supported; supported: "
-            f"{', '.join(f'{p}_<size>' for p in LLAVA_TOWERS)} (FastViTHD). Change the encoder with an override, "
-            f"e.g. encoder=fastvit-tiny, for towers of other sizes."
-        )
-    projector = config.get("mm_projector_type", "mlp2x_gelu")
-    if projector != "mlp2x_gelu":
-        raise CheckpointError(f"{directory}: projector '{projector}' is not supported; FastVLM's is mlp2x_gelu.")
-    encoder = {"name": LLAVA_TOWERS[prefix], **_image_processor(directory), "image_size": int(size)}
-    text = {key: value for key, value in config.items() if not LLAVA_ONLY_KEYS.match(key)}
-    text["model_type"] = "qwen2"  # LlavaQwen2 is Qwen2 plus the LLaVA entries dropped above
-    # LLaVA splices the image at the sentinel id -200, which is no vocabulary row. None = ablate's default, the
-    # last id: a padding row of Qwen2's vocabulary that the tokenizer never produces (its embedding is cut out).
-    return encoder, text, None
-
-
-def _image_processor(directory: Path) -> dict[str, Any]:
-    """Encoder input size, mean and std from the saved image processor (transformers v4 or v5 file), if any."""
-    for file in ("preprocessor_config.json", "processor_config.json"):
-        path = directory / file
-        if not path.is_file():
-            continue
-        processor = json.loads(path.read_text())
-        processor = processor.get("image_processor", processor)  # v5 nests it in processor_config.json
-        options = {key: processor[source] for key, source in (("mean", "image_mean"), ("std", "image_std"))
-                   if isinstance(processor.get(source), list)}
-        for key in ("crop_size", "size"):  # CLIPImageProcessor: resize, then center-crop to crop_size
-            value = processor.get(key)
-            if isinstance(value, dict):
-                value = value.get("height", value.get("shortest_edge"))
-            if isinstance(value, int):
-                options["image_size"] = value
-                break
-        return options
-    return {}  # the encoder's defaults (FastViTHD: 1024 px, mean 0, std 1, as FastVLM)
-
-
-def _encoder_options(name: str, model_args: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """timm's create_model arguments (transformers' vision_config.model_args) as the encoder's config options."""
-    from ablate.registry import get_registry
-
-    options = {f.name for f in dataclasses.fields(get_registry().get("encoder", name).Config)}
-    args = {key: value for key, value in model_args.items() if key not in TRAINING_ONLY_ARGS}
-    unknown = sorted(set(args) - options)
-    if unknown:
-        raise CheckpointError(
-            f"{directory}: vision_config.model_args {unknown} have no counterpart in encoder '{name}' "
-            f"(its options: {', '.join(sorted(options - {'name', 'weights'}))})."
-        )
-    return args
-
-
-def _decoder_node(text: dict[str, Any]) -> dict[str, Any]:
-    """hf-causal-lm with every architecture value of the checkpoint's text config as an override."""
-    from ablate_plugins.decoders.hf_causal_lm import ARCHITECTURES
-
-    model_type = text.get("model_type")
-    family = {name: values for name, values in ARCHITECTURES.items() if values["model_type"] == model_type}
-    if not family:
-        known = sorted({values["model_type"] for values in ARCHITECTURES.values()})
-        raise CheckpointError(f"Language model type '{model_type}' is not supported; supported: {', '.join(known)}.")
-    overrides = {key: value for key, value in text.items() if key not in NOT_ARCHITECTURE and key != "model_type"}
-    # The preset only fills values the checkpoint omits; a same-sized one makes the record read e.g. qwen2-0.5b.
-    same_size = [name for name, values in family.items() if all(values[k] == overrides.get(k) for k in SIZE_KEYS)]
-    arch = same_size[0] if same_size else min(family, key=lambda name: family[name]["hidden_size"])
-    return {"name": "hf-causal-lm", "arch": arch, "overrides": overrides}
-
-
-# ------------------------------------------------------------------------------------------ key maps
-
-
-def _renamed(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
-    for old, new in prefixes:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key  # not part of a FastVLM: the strict load reports it as unexpected
-
-
-def _to_vlm_keys(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    if layout == TRANSFORMERS:
-        return {_renamed(key, TRANSFORMERS_KEYS): value for key, value in tensors.items()}
-    from ablate_plugins.encoders.fastvit import convert_mci_state_dict  # official FastViT names -> timm's
-
-    vision = {key[len(LLAVA_VISION_PREFIX):]: tensors.pop(key)
-              for key in [k for k in tensors if k.startswith(LLAVA_VISION_PREFIX)]}
-    out = {f"encoder.model.{key}": value for key, value in convert_mci_state_dict(vision).items()}  # drops head.*
-    out.update({_renamed(key, LLAVA_KEYS): value for key, value in tensors.items()})
-    return out
-
-
-def _complete_tied_head(vlm, tensors: dict[str, torch.Tensor]) -> str:
-    """Give a tied LM head its tensor; return a hint for the error message when tying looks like the problem."""
-    lm = vlm.decoder.lm
-    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
-    head, embeddings = tensors.get(LM_HEAD), tensors.get(EMBEDDINGS)
-    if embeddings is None:
-        return ""
-    if tied and head is None:
-        tensors[LM_HEAD] = embeddings  # a tied checkpoint stores the matrix once, under the embeddings' name
-    elif tied and head.shape == embeddings.shape and not torch.equal(head, embeddings):
-        raise CheckpointError(
-            "The checkpoint's lm_head.weight differs from its embed_tokens.weight, but the config ties them (one "
-            "would silently overwrite the other). Set decoder.overrides.tie_word_embeddings=false."
-        )
-    elif not tied and head is None:
-        return ("The checkpoint stores no lm_head.weight: if its LM head is tied to the embeddings, set "
-                "decoder.overrides.tie_word_embeddings=true.")
-    return ""
+    Returns what was loaded, for the record.
+    """
+    registry = registry or get_registry()
+    loaded = []
+    for kind in KINDS:
+        component = getattr(vlm, kind)
+        path = component.config.weights
+        if path:
+            with registry.blame(kind, component.name, f"loading weights from {path}"):
+                component.load_weights(path)
+            loaded.append(f"{kind}: {path}")
+    if vlm.config.weights:
+        directory = Path(vlm.config.weights)
+        fmt = detect_format(directory, registry)
+        tensors = read_tensors(directory)
+        with registry.blame("checkpoint_format", fmt.name, f"mapping the keys of {directory}"):
+            tensors, hint = fmt.to_vlm_keys(tensors, vlm)
+        try:
+            load_state_dict_strict(vlm, tensors, f"{fmt.name} checkpoint {directory} (keys as mapped onto the VLM)")
+        except CheckpointError as exc:
+            if not hint:
+                raise
+            raise CheckpointError(f"{exc} {hint}") from None
+        loaded.append(f"vlm: {directory} ({fmt.name})")
+    return loaded

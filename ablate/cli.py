@@ -1,4 +1,9 @@
-"""`ablate` command line: run, show, list, plugins."""
+"""`ablate` command line: run, show, list, plugins.
+
+Results go to stdout (with --json, exactly one JSON object, also on failure); everything for people goes to stderr.
+Bad input exits with code 2 and one paragraph that names the fix; an unexpected failure exits with 1, naming the
+plugin (or ablate) and the log file holding the traceback (--debug prints it); Ctrl-C exits with 130.
+"""
 
 from __future__ import annotations
 
@@ -7,68 +12,117 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ablate.errors import AblateError
+from ablate.errors import EXIT_INTERRUPTED, AblateError, ConfigError, UsageError, unexpected
 
-# Results go to stdout (exactly one JSON object with --json); everything for people goes to stderr.
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column default.
 _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_WIDTH)
 err = Console(stderr=True, width=_WIDTH)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a UsageError (one paragraph, exit 2, a JSON record with --json)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}. Run `{self.prog} --help` for the arguments.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wants_json, debug = "--json" in argv, "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
     try:
+        try:
+            args, extra = parser.parse_known_args(argv)
+            # Overrides may come after flags (`ablate run tiny --count-only encoder.image_size=512`).
+            overrides = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+            if extra and (len(overrides) < len(extra) or not hasattr(args, "overrides")):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            if overrides:
+                args.overrides = args.overrides + overrides
+        except SystemExit as exc:  # --help
+            return int(exc.code or 0)
+        if not getattr(args, "command", None):
+            parser.print_help(sys.stderr)
+            return 2
         return args.handler(args)
+    except KeyboardInterrupt as exc:
+        _report(exc, "Interrupted (Ctrl-C); nothing was lost that was already measured.", wants_json, debug)
+        return EXIT_INTERRUPTED
     except AblateError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
-        return 130
+        _report(exc, str(exc), wants_json, debug)
+        return exc.exit_code
+    except Exception as exc:  # a bug somewhere: say whose, keep the traceback out of the user's way
+        from ablate.registry import get_registry
+
+        wrapped = unexpected(exc, f"running `ablate {' '.join(argv[:1])}`", get_registry().plugin_in_traceback(exc))
+        wrapped.__cause__ = exc
+        _report(wrapped, str(wrapped), wants_json, debug)
+        return wrapped.exit_code
+
+
+def _report(exc: BaseException, message: str, wants_json: bool, debug: bool) -> None:
+    if wants_json:
+        from ablate.record import empty_record, error_entry
+
+        record = getattr(exc, "record", None)
+        if record is None:
+            record = empty_record()
+            record["error"] = error_entry(exc, None)
+        print(json.dumps(record))
+    if debug:
+        original = exc.__cause__ or exc
+        err.print("".join(traceback.format_exception(original)), highlight=False, markup=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ablate", description="Swap, time and count the parts of a VLM.")
-    sub = parser.add_subparsers(dest="command")
+    parser = _Parser(prog="ablate", description="Swap, time and count the parts of a VLM.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     run = sub.add_parser("run", help="build a config and time every stage and TTFT")
-    run.add_argument("config", help="preset name (see experiments/) or YAML path")
+    run.add_argument("config", help="preset name (`ablate list presets`), YAML path or checkpoint directory")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.image_size=512 encoder=timm")
-    run.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    run.add_argument("--warmup", type=int, default=2, help="untimed repeats first (default 2)")
-    run.add_argument("--repeats", type=int, default=5, help="timed repeats; medians are reported (default 5)")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    run.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    run.add_argument("--mode", default="eager", help="execution mode, recorded as env.mode (default eager)")
-    run.add_argument("--count-only", action="store_true", help="tokens, params, FLOPs on the meta device; no weights")
-    run.add_argument("--image", default=None, help="a real image file instead of the synthetic one")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--json", action="store_true", help="print exactly one JSON object (the record) on stdout")
+    run.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    # Run options: each flag sets the `run.` config key of the same name and wins over the config.
+    run.add_argument("--warmup", type=int, help="untimed repeats first (run.warmup, default 2)")
+    run.add_argument("--repeats", type=int, help="timed repeats; medians are reported (run.repeats, default 5)")
+    run.add_argument("--device", help="cpu, cuda, cuda:N (run.device, default cpu)")
+    run.add_argument(
+        "--dtype",
+        help="float32, bfloat16 or float16 for every component (run.dtype); run.dtypes.KIND=... sets one component's",
+    )
+    run.add_argument("--threads", type=int, help="torch CPU threads (run.threads; default: torch's choice)")
+    run.add_argument("--mode", help="execution mode (run.mode, default eager)")
+    run.add_argument(
+        "--count-only",
+        action="store_const",
+        const=True,
+        help="tokens, params, FLOPs on the meta device; no weights (run.count_only)",
+    )
+    run.add_argument("--image", help="a real image file instead of the synthetic one (run.image)")
+    run.add_argument("--seed", type=int, help="seed of random weights, image and prompt (run.seed, default 0)")
     run.set_defaults(handler=cmd_run)
 
     show = sub.add_parser("show", help="print the resolved config")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
+    show.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
     show.set_defaults(handler=cmd_show)
 
-    lst = sub.add_parser("list", help="list components with descriptions and options")
-    lst.add_argument("kind", nargs="?", help="encoder, reducer, connector or decoder (default: all)")
+    lst = sub.add_parser("list", help="list components (with options), checkpoint formats or presets")
+    lst.add_argument("kind", nargs="?", help=f"one of {', '.join(LIST_KINDS)} (default: the four components)")
     lst.set_defaults(handler=cmd_list)
 
-    plugins = sub.add_parser("plugins", help="list plugins, their versions, components and load errors")
+    plugins = sub.add_parser("plugins", help="list plugins, their versions, what they register and load errors")
     plugins.add_argument("--verbose", "-v", action="store_true", help="show tracebacks of failed plugins")
     plugins.set_defaults(handler=cmd_plugins)
     return parser
@@ -76,24 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- run
 
+RUN_FLAGS = ("warmup", "repeats", "device", "dtype", "threads", "mode", "count_only", "image", "seed")
+
 
 def cmd_run(args) -> int:
-    from ablate.measure import RunOptions, measure
+    from ablate.measurement import measure
 
-    options = RunOptions(
-        warmup=args.warmup, repeats=args.repeats, device=args.device, dtype=args.dtype, threads=args.threads,
-        mode=args.mode, count_only=args.count_only, image=args.image, seed=args.seed,
-    )
+    run_options = {flag: getattr(args, flag) for flag in RUN_FLAGS if getattr(args, flag) is not None}
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as bar:
         task = bar.add_task("loading", total=None)
 
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        record = measure(args.config, args.overrides, options, progress)
+        record = measure(args.config, args.overrides, progress=progress, **run_options)
     if args.json:
         print(json.dumps(record))
     else:
@@ -110,34 +167,59 @@ def _num(value: int | None) -> str:
 
 
 def print_record(record: dict[str, Any]) -> None:
-    env = record["env"]
+    run = record["run"]
     title = (
         f"{record['name']}: {_num(record['visual_tokens'])} visual + {record['prompt_tokens']} prompt tokens, "
-        f"{env['device']} {env['dtype']} {env['mode']}, {env['threads']} threads"
+        f"{run['device']} {run['dtype']} {run['mode']}, {run['threads']} threads"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("stage", "median ms", "spread ms (IQR)", "GFLOPs", "params"):
+    for column in ("stage", "median ms", "spread ms (IQR)", "tokens out", "GFLOPs", "params"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     latency, spread_ms = record["latency_ms"], record["latency_spread_ms"]
-    flops, params = record["flops"] or {}, record["params"] or {}
-    for stage, param_key in (("preprocess", None), ("encoder", "encoder"), ("reducer", "reducer"),
-                             ("connector", "connector"), ("prefill", "decoder")):
+    flops, params, tokens = record["flops"], record["params"], record["tokens"]
+    for stage, param_key in (
+        ("preprocess", None),
+        ("encoder", "encoder"),
+        ("reducer", "reducer"),
+        ("connector", "connector"),
+        ("prefill", "decoder"),
+    ):
         gflops = flops.get(stage)
-        table.add_row(stage, _ms(latency[stage]), _ms(spread_ms[stage]),
-                      "-" if gflops is None else f"{gflops / 1e9:,.2f}",
-                      _num(params.get(param_key)) if param_key else "")
+        table.add_row(
+            stage,
+            _ms(latency[stage]),
+            _ms(spread_ms[stage]),
+            _num(tokens.get(stage)),
+            "-" if gflops is None else f"{gflops / 1e9:,.2f}",
+            _num(params.get(param_key)) if param_key else "",
+        )
     table.add_section()
     total = flops.get("total")
-    table.add_row("stage sum", _ms(latency["stage_sum"]), _ms(spread_ms["stage_sum"]),
-                  "-" if total is None else f"{total / 1e9:,.2f}", _num(params.get("total")))
-    table.add_row("[bold]TTFT (one call)", f"[bold]{_ms(latency['ttft'])}", _ms(spread_ms["ttft"]), "", "")
+    table.add_row(
+        "stage sum",
+        _ms(latency["stage_sum"]),
+        _ms(spread_ms["stage_sum"]),
+        "",
+        "-" if total is None else f"{total / 1e9:,.2f}",
+        _num(params.get("total")),
+    )
+    table.add_row(
+        "[bold]TTFT (one call)",
+        f"[bold]{_ms(latency['ttft'])}",
+        _ms(spread_ms["ttft"]),
+        f"{_num(tokens.get('llm_input'))} in",
+        "",
+        "",
+    )
     out.print(table)
-    if record["count_only"]:
-        out.print("count only: no weights were allocated and nothing was timed.")
-    elif latency["ttft"]:
+    if latency["ttft"]:
         gap = (latency["stage_sum"] - latency["ttft"]) / latency["ttft"] * 100
-        out.print(f"stage sum vs TTFT: {gap:+.1f}%   peak memory: {record['peak_memory_mb']:,.0f} MB   "
-                  f"medians of {record['repeats']} repeats after {record['warmup']} warm-up")
+        out.print(
+            f"stage sum vs TTFT: {gap:+.1f}%   peak memory: {record['peak_memory_mb']:,.0f} MB   "
+            f"medians of {run['repeats']} repeats after {run['warmup']} warm-up"
+        )
+    for note in record["notes"]:
+        out.print(f"note: {note}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- show, list
@@ -161,29 +243,57 @@ def _options(config_cls) -> str:
     return ", ".join(parts)
 
 
+LIST_KINDS = ("encoder", "reducer", "connector", "decoder", "format", "preset")
+
+
 def cmd_list(args) -> int:
     from ablate.components import describe
     from ablate.registry import KINDS, get_registry
 
     registry = get_registry()
-    if args.kind and args.kind.rstrip("s") not in KINDS:
-        raise AblateError(f"Unknown component kind '{args.kind}'. Kinds: {', '.join(KINDS)}.")
-    kinds = [args.kind.rstrip("s")] if args.kind else list(KINDS)
-    for kind in kinds:
-        table = Table(title=f"{kind}s", title_justify="left", show_lines=False)
+    kind = (args.kind or "").removesuffix("s")
+    if kind and kind not in LIST_KINDS:
+        raise ConfigError(f"Unknown kind '{args.kind}' for `ablate list`. Kinds: {', '.join(LIST_KINDS)}.")
+    if kind == "preset":
+        _list_presets()
+    elif kind == "format":
+        table = Table(title="checkpoint formats (ablate run DIRECTORY)", title_justify="left")
+        for column in ("name", "plugin", "description"):
+            table.add_column(column)
+        for name in registry.names("checkpoint_format"):
+            table.add_row(
+                name, registry.owner[("checkpoint_format", name)], describe(registry.get("checkpoint_format", name))
+            )
+        out.print(table)
+    for component_kind in [kind] if kind in KINDS else ([] if kind else list(KINDS)):
+        table = Table(title=f"{component_kind}s", title_justify="left", show_lines=False)
         table.add_column("name", style="bold")
         table.add_column("plugin")
         table.add_column("description")
         table.add_column("options")
-        for name in registry.names(kind):
-            cls = registry.components[kind][name]
-            table.add_row(name, registry.owner[(kind, name)], describe(cls), _options(cls.Config))
+        for name in registry.names(component_kind):
+            cls = registry.components[component_kind][name]
+            table.add_row(name, registry.owner[(component_kind, name)], describe(cls), _options(cls.Config))
         out.print(table)
     broken = [p for p in registry.plugins.values() if p.error]
     if broken:
-        err.print(f"[yellow]{len(broken)} plugin(s) failed to load: {', '.join(p.name for p in broken)}. "
-                  f"Run `ablate plugins` for details.[/]")
+        err.print(
+            f"[yellow]{len(broken)} plugin(s) failed to load: {', '.join(p.name for p in broken)}. "
+            f"Run `ablate plugins` for details.[/]"
+        )
     return 0
+
+
+def _list_presets() -> None:
+    from ablate.config import preset_files
+
+    table = Table(title="presets (ablate run NAME)", title_justify="left")
+    for column in ("name", "file", "description"):
+        table.add_column(column)
+    for name, path in sorted(preset_files().items()):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "")
+        table.add_row(name, str(path), first.lstrip("# "))
+    out.print(table)
 
 
 def cmd_plugins(args) -> int:
@@ -194,7 +304,9 @@ def cmd_plugins(args) -> int:
     for column in ("plugin", "module", "version", "registers", "status"):
         table.add_column(column)
     for info in sorted(registry.plugins.values(), key=lambda p: p.name):
-        registers = ", ".join(f"{kind} {name}" for kind, name in info.components)
+        registers = ", ".join(f"{kind} {name}" for kind, name in info.components if kind != "preset_folder")
+        if any(kind == "preset_folder" for kind, _ in info.components):
+            registers = ", ".join(filter(None, [registers, "presets"]))
         status = f"[red]error: {info.error}[/]" if info.error else "[green]ok[/]"
         table.add_row(info.name, info.module, info.version or "-", registers or "-", status)
     out.print(table)

@@ -1,4 +1,4 @@
-"""The small interfaces every component plugin implements.
+"""The small interfaces every plugin implements, and the one object that flows between stages.
 
 A VLM here is four parts in a row:
 
@@ -6,91 +6,206 @@ A VLM here is four parts in a row:
 
 Each part is an `nn.Module` subclass with a class-level `name` (the registry key), a `Config` dataclass (its
 options, with defaults; strict: unknown keys are errors) and a docstring whose first line is its description.
-Plugins import only this module (and `ablate.hookimpl`), exactly as a third-party plugin would.
+Encoders, reducers and connectors take a `StageContext` and return a new one (`dataclasses.replace`), changing only
+what they own; the VLM hands it on. Plugins import only this module, `ablate.errors`, `ablate.weights` and
+`ablate.hookimpl`, exactly as a third-party plugin would.
 """
 
 from __future__ import annotations
 
-
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ablate.errors import ImageSizeError
+from ablate.preprocess import Preprocessing, preprocess
+from ablate.weights import load_state_dict_strict, read_tensors
 
-# What an encoder can hand to a reducer besides its tokens and their grid (see `EncoderOutput`).
-CLS = "cls"
-ATTENTION = "attention"  # queries and keys of one attention layer
-CAPABILITIES = frozenset({CLS, ATTENTION})
+# Well-known extras a stage can ask for. The set is open: a plugin may provide and require any other name, and
+# carry its value in `StageContext.extras[name]`.
+CLS = "cls"  # StageContext.cls: the encoder's class token
+ATTENTION = "attention"  # StageContext.attention: queries and keys of one attention layer, per head
+TEXT = "text"  # StageContext.text_embeds: the prompt's token embeddings (the VLM provides it from the decoder)
+WELL_KNOWN_EXTRAS = frozenset({CLS, ATTENTION, TEXT})
 
 
-# --------------------------------------------------------------------------------------------- encoder
+# ---------------------------------------------------------------------------------------------- layout
 
 
 @dataclass(frozen=True)
-class Preprocessing:
-    """How raw images become `pixel_values` for an encoder (timm's pretrained-config idea)."""
+class Crop:
+    """One image view's tokens: a (rows, cols) grid, row-major.
 
-    image_size: int
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # "pad": pad to a square with `pad_color`, then resize (LLaVA 'pad', FastVLM);
-    # "squash": resize to a square ignoring aspect; "center_crop": resize shortest side, crop the centre.
-    resize: Literal["pad", "squash", "center_crop"] = "pad"
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
-    pad_color: tuple[int, int, int] = (0, 0, 0)
-
-
-@dataclass
-class EncoderOutput:
-    """What an encoder returns. Reducers and connectors pass it along with fewer or wider tokens.
-
-    tokens:  (B, N, C) visual tokens, row-major over `grid` when the tokens lie on one grid.
-    grid:    (h, w) with h * w == N, or None once tokens no longer lie on a grid (e.g. after pruning).
-    cls:     (B, C) class token, for encoders that have one and were asked for it.
-    queries, keys: (B, T, D) of one attention layer over all T tokens that layer saw, prefix tokens first
-             (`num_prefix_tokens` of them), for encoders asked for `ATTENTION`.
+    `tile` is the view's (row, col) in a tiling of the image (AnyRes crops); None for a view of the whole image.
+    `newlines`: each grid row ends with one extra (image-newline) token, so the crop holds rows * (cols + 1) tokens.
     """
 
-    tokens: torch.Tensor
-    grid: tuple[int, int] | None
-    cls: torch.Tensor | None = None
-    queries: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
+    grid: tuple[int, int]
+    tile: tuple[int, int] | None = None
+    newlines: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        rows, cols = self.grid
+        return rows * (cols + self.newlines)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a row's visual tokens come from: crops (in token order), then `loose` tokens that lie on no grid.
+
+    Loose tokens are what pruning and merging leave (no spatial order), summary tokens and the like. Every row of a
+    batch shares one layout. `image_size` is the original image's (width, height), when known.
+    """
+
+    crops: tuple[Crop, ...] = ()
+    loose: int = 0
+    image_size: tuple[int, int] | None = None
+
+    @classmethod
+    def grid_of(cls, rows: int, cols: int, image_size: tuple[int, int] | None = None) -> TokenLayout:
+        return cls(crops=(Crop((int(rows), int(cols))),), image_size=image_size)
+
+    @classmethod
+    def unstructured(cls, count: int, image_size: tuple[int, int] | None = None) -> TokenLayout:
+        return cls(loose=int(count), image_size=image_size)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(crop.num_tokens for crop in self.crops) + self.loose
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The grid when the tokens are exactly one plain crop (the common case), else None."""
+        if len(self.crops) == 1 and not self.loose and not self.crops[0].newlines:
+            return self.crops[0].grid
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Queries and keys of one attention layer, per head: (B, heads, T, head_dim) each.
+
+    T counts every token that layer saw, prefix tokens (CLS, registers) first: T == num_prefix_tokens + N.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
     num_prefix_tokens: int = 0
 
-    def replace(self, **changes) -> EncoderOutput:
-        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        values.update(changes)
-        return EncoderOutput(**values)
+
+@dataclass(frozen=True)
+class StageContext:
+    """What flows from stage to stage. Each stage returns `dataclasses.replace(ctx, ...)` with what it changed.
+
+    pixel_values: the encoder's input, (B, 3, H, W) (or what its `prepare` makes, e.g. a stack of crops).
+    tokens:       (B, N, C) visual tokens; None before the encoder.
+    layout:       where the N tokens come from (grid, crops, loose tokens) and the original image size.
+    input_ids:    (B, T) prompt ids, one image placeholder per row.
+    text_embeds:  (B, T, D) the prompt's token embeddings, when a stage asked for TEXT.
+    cls:          (B, C) class token, when a stage asked for CLS.
+    attention:    per-head queries and keys, when a stage asked for ATTENTION.
+    extras:       anything else a plugin provides under its own name (read-only by convention: copy to change).
+    """
+
+    pixel_values: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    layout: TokenLayout = TokenLayout()
+    input_ids: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    cls: torch.Tensor | None = None
+    attention: Attention | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.tokens is None else self.tokens.shape[1]
+
+
+def square_grid(count: int) -> tuple[int, int] | None:
+    side = int(round(count**0.5))
+    return (side, side) if side * side == count else None
+
+
+# ---------------------------------------------------------------------------------------------- configs
 
 
 @dataclass
-class EncoderConfig:
-    """Options every encoder has. Plugin configs subclass this."""
+class ComponentConfig:
+    """Options every component has. Plugin configs subclass a kind's config."""
 
     name: str = "?"
+    weights: str | None = None  # a local file or directory with this component's weights (never downloaded)
+
+
+@dataclass
+class EncoderConfig(ComponentConfig):
     image_size: int = 224
-    weights: str | None = None  # local file with encoder-only weights (safetensors preferred)
 
 
-class VisionEncoder(nn.Module):
-    """Base class of vision encoders.
+@dataclass
+class ReducerConfig(ComponentConfig):
+    # Where the reducer sits: on encoder tokens, or on connector outputs (M3's code pools after the projector).
+    position: Literal["before_connector", "after_connector"] = "before_connector"
 
-    Subclasses set `width` (token width) in `__init__`, implement `forward` and `preprocessing`, and
-    override `num_tokens` (and, when they can, `provides`).
-    """
+
+@dataclass
+class ConnectorConfig(ComponentConfig):
+    pass
+
+
+@dataclass
+class DecoderConfig(ComponentConfig):
+    pass
+
+
+class Component(nn.Module):
+    """What every model component shares: a registry name, a Config, and weights loaded from a local file."""
 
     name: ClassVar[str]
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+
+    def __init__(self, config: ComponentConfig):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def resolve_config(cls, config: ComponentConfig) -> ComponentConfig:
+        """Fill defaults that depend on other options (e.g. a timm model's native size) once, at config time."""
+        return config
+
+    def load_weights(self, path: str) -> None:
+        """Load `config.weights` (called by `ablate.build` after construction): this module's state_dict, strictly.
+
+        Override to read other layouts (a library's own key names); keep it strict.
+        """
+        load_state_dict_strict(self, read_tensors(path), f"{self.name} (weights={path})")
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+class VisionEncoder(Component):
+    """Base class of vision encoders: ctx.pixel_values -> ctx.tokens (+ layout, and extras when requested).
+
+    Subclasses set `width` (token width) in `__init__`, implement `forward` and `num_tokens`, and override
+    `preprocessing` (and `provides`, when they can give extras).
+    """
+
     Config: ClassVar[type[EncoderConfig]] = EncoderConfig
-    # Which of CAPABILITIES this encoder can deliver; `request` switches them on.
+    # Extras this encoder can deliver (CLS, ATTENTION, or any plugin-defined name); `request` switches them on.
     provides: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: EncoderConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.width: int = 0
         self.requested: frozenset[str] = frozenset()
 
@@ -98,21 +213,36 @@ class VisionEncoder(nn.Module):
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(image_size=self.config.image_size)
 
+    def prepare(self, image) -> torch.Tensor:
+        """A PIL image -> this encoder's pixel_values for one image (no batch dimension). Timed as preprocessing."""
+        return preprocess(image, self.preprocessing)
+
+    def input_shape(self, batch_size: int) -> tuple[int, ...]:
+        """The shape of `pixel_values` for a batch (used to count FLOPs on the meta device)."""
+        size = self.config.image_size
+        return (batch_size, 3, size, size)
+
     def num_tokens(self, image_size: int | None = None) -> int:
-        """Tokens for a square input of `image_size` (default: the configured size).
+        """Tokens for a square input of `image_size` (default: the configured size), without running the model.
 
         Raises ImageSizeError for sizes the encoder cannot take.
         """
         raise NotImplementedError
 
+    def output_layout(self) -> TokenLayout:
+        """The layout of the tokens at the configured size (default: a square grid, or loose tokens)."""
+        count = self.num_tokens()
+        grid = square_grid(count)
+        return TokenLayout.grid_of(*grid) if grid else TokenLayout.unstructured(count)
+
     def request(self, needs: frozenset[str]) -> None:
-        """Ask for extras (CLS, attention) in every later `forward`. Called once, at build time."""
+        """Ask for extras in every later `forward`. Called once, at build time."""
         missing = set(needs) - set(self.provides)
         if missing:
             raise ValueError(f"{self.name} cannot provide {sorted(missing)}")
         self.requested = frozenset(needs)
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:  # pragma: no cover - interface
+    def forward(self, ctx: StageContext) -> StageContext:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -123,106 +253,127 @@ def check_multiple(encoder_name: str, image_size: int, multiple: int, key: str =
     lower = max(multiple, (image_size // multiple) * multiple)
     upper = lower + multiple if lower < image_size else lower
     raise ImageSizeError(
-        f"Encoder '{encoder_name}' cannot take image size {image_size} ({key}): it needs a multiple of "
+        f"Encoder '{encoder_name}' cannot take image size {image_size} ({key}): it needs a positive multiple of "
         f"{multiple} (its total stride / patch size) so that its patches tile the image exactly. "
         f"Use {key}={lower}" + (f" or {key}={upper}." if upper != lower else ".")
     )
 
 
-# --------------------------------------------------------------------------------------------- reducer
+# ---------------------------------------------------------------------------------------------- reducer
 
 
-@dataclass
-class ReducerConfig:
-    name: str = "?"
-    # Where the reducer sits: on encoder tokens, or on connector outputs (M3 pools after the projector).
-    position: Literal["before_connector", "after_connector"] = "before_connector"
+class TokenReducer(Component):
+    """Base class of token reducers: a StageContext with N tokens -> one with fewer (same width)."""
 
-
-class TokenReducer(nn.Module):
-    """Base class of token reducers: map an EncoderOutput to one with fewer tokens."""
-
-    name: ClassVar[str]
     Config: ClassVar[type[ReducerConfig]] = ReducerConfig
-    requires: ClassVar[frozenset[str]] = frozenset()  # subset of CAPABILITIES
-    needs_grid: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset()  # extras it needs (CLS, ATTENTION, TEXT, or plugin-defined)
+    needs_grid: ClassVar[bool] = False  # True: the input must be one 2-D grid
 
-    def __init__(self, config: ReducerConfig):
-        super().__init__()
-        self.config = config
+    def output_layout(self, layout: TokenLayout) -> TokenLayout | None:
+        """The layout out for `layout` in; None when the count depends on the image (adaptive methods)."""
+        return layout
 
-    def num_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int | None:
-        """Tokens out for `num_tokens` in; None when the count depends on the image (adaptive methods)."""
-        return num_tokens
-
-    def forward(self, features: EncoderOutput) -> EncoderOutput:  # pragma: no cover - interface
+    def forward(self, ctx: StageContext) -> StageContext:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------------------- connector
 
 
-@dataclass
-class ConnectorConfig:
-    name: str = "?"
-
-
-class Connector(nn.Module):
-    """Base class of connectors: (B, N, in_width) -> (B, N', out_width).
+class Connector(Component):
+    """Base class of connectors: ctx.tokens (B, N, in_width) -> (B, N', out_width), with the layout to match.
 
     `in_width` and `out_width` come from the neighbouring encoder and decoder, never from the config.
     """
 
-    name: ClassVar[str]
     Config: ClassVar[type[ConnectorConfig]] = ConnectorConfig
 
     def __init__(self, config: ConnectorConfig, in_width: int, out_width: int):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.in_width = in_width
         self.out_width = out_width
 
-    def num_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
-        return num_tokens
+    def output_layout(self, layout: TokenLayout) -> TokenLayout:
+        """The layout out for `layout` in (default: unchanged, one output token per input token)."""
+        return layout
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+    def forward(self, ctx: StageContext) -> StageContext:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------- decoder
 
 
-@dataclass
-class DecoderConfig:
-    name: str = "?"
-    weights: str | None = None
+@dataclass(frozen=True)
+class DecoderOutput:
+    """logits: (B, vocab) for the token after the last position, or (B, T, vocab) when all were asked for.
+    loss: the mean next-token cross-entropy over positions whose label is not -100, when labels were given."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
 
 
-class Decoder(nn.Module):
-    """Base class of LLM decoders: embed token ids, and prefill from `inputs_embeds` to first-token logits."""
+IGNORE_INDEX = -100  # label of positions that do not count in the loss (visual tokens, prompts), as in transformers
 
-    name: ClassVar[str]
+
+class Decoder(Component):
+    """Base class of LLM decoders: embed token ids; run from `inputs_embeds` to logits (and a loss, for training)."""
+
     Config: ClassVar[type[DecoderConfig]] = DecoderConfig
 
     def __init__(self, config: DecoderConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.hidden_size: int = 0
         self.vocab_size: int = 0
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        """(B, T, hidden) -> (B, vocab) logits of the token that follows the last position."""
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> DecoderOutput:  # pragma: no cover - interface
+        """(B, T, hidden) -> DecoderOutput.
+
+        Default (prefill): the first generated token's logits (B, vocab), writing the KV cache as generation would.
+        `all_logits=True`: (B, T, vocab). `labels` (B, T): also the loss, with all logits (training).
+        """
         raise NotImplementedError
 
 
-COMPONENT_BASES: dict[str, type[nn.Module]] = {
+# ------------------------------------------------------------------------------------ checkpoint format
+
+
+class CheckpointFormat:
+    """A whole-VLM checkpoint layout (e.g. transformers' FastVLM): recognise a directory, describe its model as an
+    ablate config, and map its tensors onto the built VLM's state-dict keys. The core reads the files and loads
+    strictly; a format only knows names."""
+
+    name: ClassVar[str]
+
+    def detect(self, directory: Path, hf_config: dict[str, Any]) -> bool:
+        """Whether this format reads `directory`, whose config.json parsed to `hf_config` (a dict)."""
+        raise NotImplementedError
+
+    def config(self, directory: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
+        """The ablate config (a plain dict: encoder, reducer, connector, decoder, ...) of the model stored there."""
+        raise NotImplementedError
+
+    def to_vlm_keys(self, tensors: dict[str, torch.Tensor], vlm: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+        """Checkpoint tensors renamed to the VLM's state-dict keys, and a hint added to a mismatch error ('' if none)."""
+        raise NotImplementedError
+
+
+COMPONENT_BASES: dict[str, type] = {
     "encoder": VisionEncoder,
     "reducer": TokenReducer,
     "connector": Connector,
     "decoder": Decoder,
+    "checkpoint_format": CheckpointFormat,
 }
 
 
@@ -232,23 +383,45 @@ def describe(component: type) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def literal_fields(config_class: type) -> dict[str, tuple]:
+    """Config fields typed as Literal[...] and their allowed values (OmegaConf does not check Literal)."""
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    out = {}
+    for f in dataclasses.fields(config_class):
+        hint = hints.get(f.name)
+        if typing.get_origin(hint) is Literal:
+            out[f.name] = typing.get_args(hint)
+    return out
 
 
 __all__ = [
     "ATTENTION",
-    "CAPABILITIES",
     "CLS",
     "COMPONENT_BASES",
+    "IGNORE_INDEX",
+    "TEXT",
+    "WELL_KNOWN_EXTRAS",
+    "Attention",
+    "CheckpointFormat",
+    "Component",
+    "ComponentConfig",
     "Connector",
     "ConnectorConfig",
+    "Crop",
     "Decoder",
     "DecoderConfig",
+    "DecoderOutput",
     "EncoderConfig",
-    "EncoderOutput",
     "Preprocessing",
     "ReducerConfig",
+    "StageContext",
+    "TokenLayout",
     "TokenReducer",
     "VisionEncoder",
     "check_multiple",
     "describe",
+    "literal_fields",
+    "square_grid",
 ]

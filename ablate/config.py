@@ -1,6 +1,7 @@
 """Config composition: defaults < preset file < user file < command-line `key=value` overrides.
 
-A config names four components, each a node with a `name` and that component's options:
+A config names four components, each a node with a `name` and that component's options, plus settings and the
+`run:` section (how it is run; see `ablate.options`):
 
     name: fastvlm-0.5b
     encoder: {name: fastvithd, image_size: 1024}
@@ -8,14 +9,17 @@ A config names four components, each a node with a `name` and that component's o
     connector: {name: mlp2x_gelu}
     decoder: {name: hf-causal-lm, arch: qwen2-0.5b}
     prompt_tokens: 64
+    run: {repeats: 5}
 
-A file may start from another with `base: PRESET_OR_PATH`. `encoder=timm` (on the command line, or a
-different `name` in a later file) swaps the component and resets its options to that component's defaults.
-Keys are strict: an unknown key fails with its full key path and the closest valid key.
+A file may start from another with `base: PRESET_OR_PATH`. `encoder=timm` (on the command line, or a different
+`name` in a later file) swaps the component and resets its options to that component's defaults. A checkpoint
+directory is a config too: its registered checkpoint format describes the model (and sets `weights`). Keys are
+strict: an unknown key fails with its full key path and the closest valid key.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
@@ -23,13 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ablate.errors import ConfigError, did_you_mean
+from ablate.components import literal_fields
+from ablate.errors import AblateError, ConfigError, did_you_mean
+from ablate.options import RunOptions
 from ablate.registry import KINDS, Registry, get_registry
 
 PRESET_DIRS_ENV = "ABLATE_PRESETS"  # extra preset folders, os.pathsep-separated, searched first
+RUN = "run"
+SECTIONS = KINDS + (RUN,)  # top-level keys whose values are nodes of sub-keys
 
 
 @dataclass
@@ -44,23 +53,25 @@ class Settings:
 
 
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(Settings))
-TOP_LEVEL_KEYS = ("base",) + SETTING_KEYS + KINDS
+TOP_LEVEL_KEYS = ("base",) + SETTING_KEYS + SECTIONS
 
 
 @dataclass
 class VLMConfig(Settings):
-    """A resolved config: settings plus one typed config dataclass per component."""
+    """A resolved config: settings, one typed config dataclass per component, and the run options."""
 
     encoder: Any = None
     reducer: Any = None
     connector: Any = None
     decoder: Any = None
+    run: RunOptions = field(default_factory=RunOptions)
     sources: list[str] = field(default_factory=list)  # files it was composed from, for the record
 
     def to_dict(self) -> dict[str, Any]:
         out = {key: getattr(self, key) for key in SETTING_KEYS}
         for kind in KINDS:
             out[kind] = dataclasses.asdict(getattr(self, kind))
+        out[RUN] = dataclasses.asdict(self.run)
         return out
 
     def to_yaml(self) -> str:
@@ -70,51 +81,76 @@ class VLMConfig(Settings):
 # ------------------------------------------------------------------------------------------- sources
 
 
-def preset_dirs() -> list[Path]:
+def preset_dirs(registry: Registry | None = None) -> list[Path]:
+    """Folders searched for presets: $ABLATE_PRESETS first, then those plugins register (the built-in experiments/)."""
     dirs = [Path(p) for p in os.environ.get(PRESET_DIRS_ENV, "").split(os.pathsep) if p]
-    # The repo's experiments/ folder (an editable or source checkout keeps it beside the package).
-    dirs.append(Path(__file__).resolve().parent.parent / "experiments")
-    return dirs
+    return dirs + [folder for _, folder in (registry or get_registry()).preset_folders]
 
 
-def preset_names() -> list[str]:
-    names = set()
-    for folder in preset_dirs():
+def preset_files(registry: Registry | None = None) -> dict[str, Path]:
+    """Preset name -> file; the first folder that has a name wins."""
+    presets: dict[str, Path] = {}
+    for folder in preset_dirs(registry):
         if folder.is_dir():
-            names.update(p.stem for p in folder.glob("*.yaml"))
-    return sorted(names)
+            for path in sorted(folder.glob("*.yaml")):
+                presets.setdefault(path.stem, path)
+    return presets
+
+
+def _is_plain_name(source: str) -> bool:
+    """A bare word (no folder part, no .yaml): it may name a preset."""
+    return os.sep not in source and "/" not in source and not source.endswith((".yaml", ".yml"))
+
+
+def _is_local_path(source: str) -> bool:
+    """Whether `source` means a local file or folder: anything but a bare preset name that also exists locally,
+    which is refused as ambiguous (so a folder named like a preset never hides it silently)."""
+    if _is_plain_name(source) and source in preset_files() and Path(source).exists():
+        raise ConfigError(
+            f"'{source}' is both a preset and a local path ({Path(source).resolve()}). Write ./{source} for the local "
+            f"path, or run from another folder (or rename it) for the preset {preset_files()[source]}."
+        )
+    return not (_is_plain_name(source) and source in preset_files())
 
 
 def find_config_file(source: str | os.PathLike, relative_to: Path | None = None) -> Path:
     """A config path, or a preset name looked up in the preset folders."""
-    candidates = [Path(source)]
-    if relative_to is not None:
-        candidates.insert(0, relative_to / source)
     name = str(source)
-    for folder in preset_dirs():
-        candidates.append(folder / name)
-        candidates.append(folder / f"{name}.yaml")
-    for path in candidates:
+    presets = preset_files()
+    local = (relative_to / name) if relative_to is not None else Path(name)
+    if relative_to is None and not _is_local_path(name):
+        return presets[name]
+    if relative_to is not None and _is_plain_name(name) and name in presets and not local.exists():
+        return presets[name]  # `base: NAME` in a file: a sibling file of that name first, then the preset
+    for path in (local, Path(name)):
         if path.is_file():
             return path
-    presets = preset_names()
     raise ConfigError(
-        f"Config '{source}' is neither a file nor a preset.{did_you_mean(name, presets)} "
-        f"Presets: {', '.join(presets) or 'none found'}. Give a YAML path or a preset name "
-        f"(preset folders: {', '.join(str(d) for d in preset_dirs())})."
+        f"Config '{name}' is neither a file nor a preset.{did_you_mean(name, presets)} "
+        f"Presets: {', '.join(sorted(presets)) or 'none found'} (`ablate list presets`). Give a YAML path, a checkpoint "
+        f"directory or a preset name.{get_registry().broken_note()}"
     )
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
+        raw = yaml.safe_load(path.read_text())
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of keys, not {type(raw).__name__}.")
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except ConfigError:
+        raise
     except Exception as exc:
-        raise ConfigError(f"Cannot read config file {path}: {exc}. Fix the YAML syntax.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of keys, not {type(data).__name__}.")
+        raise ConfigError(f"Cannot read config file {path}: {_one_line(exc)}. Fix the YAML syntax.") from None
     return data
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message without OmegaConf's extra lines (full_key, object_type), on one line."""
+    message = getattr(exc, "msg", None) or str(exc)
+    return " ".join(message.strip().splitlines()[0].split()) if message.strip() else type(exc).__name__
 
 
 def load_layers(source: str | os.PathLike, relative_to: Path | None = None, _seen=()) -> list[tuple[str, dict]]:
@@ -124,6 +160,8 @@ def load_layers(source: str | os.PathLike, relative_to: Path | None = None, _see
         raise ConfigError(f"Config file {path} includes itself through `base:`; remove the cycle.")
     data = read_yaml(path)
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"`base:` in {path} must be a preset name or a file path, not {base!r}.")
     layers = load_layers(base, path.parent, _seen + (path,)) if base else []
     return layers + [(str(path), data)]
 
@@ -131,73 +169,118 @@ def load_layers(source: str | os.PathLike, relative_to: Path | None = None, _see
 # ------------------------------------------------------------------------------------------- merging
 
 
-def _component_node(kind: str, value: Any, where: str) -> dict[str, Any]:
-    if isinstance(value, str):
+def _node(key: str, value: Any, where: str) -> dict[str, Any]:
+    if key in KINDS and isinstance(value, str):
         return {"name": value}
     if isinstance(value, Mapping):
         return dict(value)
-    raise ConfigError(
-        f"Config key '{kind}' ({where}) must be a component name or a mapping with a 'name', "
-        f"not {value!r}. Example: {kind}={{name: ...}} or {kind}=NAME."
-    )
+    example = f"{key}=NAME or {key}={{name: NAME, ...}}" if key in KINDS else f"{key}.KEY=VALUE"
+    raise ConfigError(f"Config key '{key}' ({where}) must be a mapping of options, not {value!r}. Example: {example}.")
 
 
 def merge_layer(base: dict[str, Any], layer: Mapping[str, Any], where: str) -> dict[str, Any]:
     """`layer` on top of `base`. A component whose name changes starts again from its own defaults."""
     merged = dict(base)
     for key, value in layer.items():
-        if key in KINDS:
-            node = _component_node(key, value, where)
+        if key in SECTIONS:
+            node = _node(key, value, where)
             old = merged.get(key) or {}
-            if "name" in node and node["name"] != old.get("name"):
+            if key in KINDS and "name" in node and node["name"] != old.get("name"):
                 merged[key] = node  # swap: drop the old component's options
             else:
-                merged[key] = OmegaConf.to_container(OmegaConf.merge(old, node))
+                merged[key] = _deep_merge(old, node)
         else:
             merged[key] = value
     return merged
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """'a.b=1' -> ('a.b', 1), values parsed as YAML like OmegaConf's dotlist."""
+def _deep_merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(old)
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=1' -> (['a', 'b'], 1), values parsed as YAML like OmegaConf's dotlist."""
     if "=" not in text:
         raise ConfigError(
             f"Override '{text}' is not of the form key=value. Example: encoder.image_size=512 or encoder=timm."
         )
     key, _, raw = text.partition("=")
-    key = key.strip()
+    parts = key.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"Override '{text}' has an empty key part. Example: encoder.image_size=512.")
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"Cannot parse the value of override '{text}': {exc}") from None
-    return key, value
+        raise ConfigError(f"Cannot parse the value of override '{text}': {_one_line(exc)}") from None
+    return [part.strip() for part in parts], value
 
 
-def apply_override(config: dict[str, Any], text: str) -> dict[str, Any]:
-    key, value = parse_override(text)
-    parts = key.split(".")
+def _set_path(node: Any, path: list[str], value: Any, text: str, defaults: Any) -> Any:
+    """A copy of `node` with the value at `path` replaced; list items are addressed by index (layers.0=3)."""
+    head, rest = path[0], path[1:]
+    if isinstance(node, list):
+        try:
+            index = int(head)
+        except ValueError:
+            raise ConfigError(f"Override '{text}': '{head}' indexes a list; use a number, e.g. 0.") from None
+        if not -len(node) <= index < len(node):
+            raise ConfigError(f"Override '{text}': index {index} is out of range for a list of {len(node)} items.")
+        node = list(node)
+        node[index] = _set_path(node[index], rest, value, text, None) if rest else value
+        return node
+    node = dict(node) if isinstance(node, Mapping) else {}
+    if not rest:
+        node[head] = value
+        return node
+    child = node.get(head)
+    if child is None and isinstance(defaults, Mapping):  # going into a default the config does not spell out
+        child = copy.deepcopy(defaults.get(head))
+    node[head] = _set_path(child, rest, value, text, defaults.get(head) if isinstance(defaults, Mapping) else None)
+    return node
+
+
+def apply_override(config: dict[str, Any], text: str, registry: Registry | None = None) -> dict[str, Any]:
+    parts, value = parse_override(text)
+    key = ".".join(parts)
+    if key == "base":
+        raise ConfigError(
+            f"'base' cannot be overridden (override '{text}'): it only chains files. Give that preset or file as the "
+            f"config instead, e.g. `ablate run {value} ...`."
+        )
     if len(parts) == 1:
         return merge_layer(config, {key: value}, f"override '{text}'")
     head, rest = parts[0], parts[1:]
-    if head not in KINDS:
+    if head not in SECTIONS:
         _check_top_level_key(head, f"override '{text}'")
         raise ConfigError(f"Config key '{head}' has no sub-keys; use {head}=VALUE (override '{text}').")
-    node = dict(config.get(head) or {})
-    target = node
-    for part in rest[:-1]:
-        child = target.get(part)
-        target[part] = dict(child) if isinstance(child, Mapping) else {}
-        target = target[part]
-    target[rest[-1]] = value
+    node = config.get(head) or {}
+    if rest == ["name"] and head in KINDS:  # encoder.name=X is a swap too
+        return merge_layer(config, {head: {"name": value}}, f"override '{text}'")
     config = dict(config)
-    config[head] = node
-    if rest == ["name"]:  # encoder.name=X is a swap too
-        config = merge_layer({k: v for k, v in config.items() if k != head}, {head: {"name": value}}, text)
+    config[head] = _set_path(node, rest, value, text, _defaults(head, node, registry))
     return config
 
 
-def _check_top_level_key(key: str, where: str) -> None:
+def _defaults(section: str, node: Mapping[str, Any], registry: Registry | None) -> dict[str, Any] | None:
+    """The section's default options as plain data (so `encoder.layers.0=3` can edit a default list)."""
+    if section == RUN:
+        return dataclasses.asdict(RunOptions())
+    try:
+        cls = (registry or get_registry()).get(section, node.get("name"))
+    except AblateError:
+        return None  # an unknown name fails at resolve time, with its own message
+    return OmegaConf.to_container(OmegaConf.structured(cls.Config))
+
+
+def _check_top_level_key(key: Any, where: str) -> None:
     if key not in TOP_LEVEL_KEYS:
+        key = str(key)
         raise ConfigError(
             f"Unknown config key '{key}' ({where}).{did_you_mean(key, TOP_LEVEL_KEYS)} "
             f"Top-level keys: {', '.join(TOP_LEVEL_KEYS)}."
@@ -207,24 +290,37 @@ def _check_top_level_key(key: str, where: str) -> None:
 # -------------------------------------------------------------------------------------------- typing
 
 
+def _typed(schema_class: type, node: Mapping[str, Any], path: str, owner: str, hint: str) -> Any:
+    """`node` checked against a dataclass: strict keys (full path + closest match), types, Literal values."""
+    schema = OmegaConf.structured(schema_class)
+    _check_keys(schema, node, path, owner)
+    try:
+        typed = OmegaConf.to_object(OmegaConf.merge(schema, node))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"Bad value for config key '{path}.{key}': {_one_line(exc)}. {hint}") from None
+    for name, allowed in literal_fields(schema_class).items():
+        if getattr(typed, name) not in allowed:
+            raise ConfigError(
+                f"Bad value for config key '{path}.{name}': {getattr(typed, name)!r}. Choose one of: "
+                f"{', '.join(map(str, allowed))}."
+            )
+    return typed
+
+
 def _typed_component(kind: str, node: Mapping[str, Any] | None, registry: Registry) -> Any:
     if not node or "name" not in node:
         raise ConfigError(
             f"The config names no {kind}: set '{kind}' to a component, e.g. {kind}=NAME on the command line. "
-            f"Available {kind}s: {', '.join(registry.names(kind)) or 'none'}."
+            f"Available {kind}s: {', '.join(registry.names(kind)) or 'none registered'}."
         )
     cls = registry.get(kind, node["name"], key=f"{kind}.name")
-    schema = OmegaConf.structured(cls.Config)
-    _check_keys(schema, node, kind, f"{kind} '{node['name']}'")
-    try:
-        merged = OmegaConf.merge(schema, node)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(
-            f"Bad value for config key '{kind}.{key}': {exc.msg if hasattr(exc, 'msg') else exc}. "
-            f"Run `ablate list {kind}` to see the options of {kind} '{node['name']}' and their types."
-        ) from None
+    hint = f"Run `ablate list {kind}` to see the options of {kind} '{node['name']}' and their types."
+    typed = _typed(cls.Config, node, kind, f"{kind} '{node['name']}'", hint)
+    with registry.blame(kind, typed.name, "resolving its config"):
+        typed = cls.resolve_config(typed)
+    _check_weights_path(typed.weights, f"{kind}.weights")
+    return typed
 
 
 def _check_keys(schema: DictConfig, node: Mapping[str, Any], path: str, owner: str) -> None:
@@ -233,12 +329,20 @@ def _check_keys(schema: DictConfig, node: Mapping[str, Any], path: str, owner: s
             options = [k for k in schema.keys() if k != "name"]
             raise ConfigError(
                 f"Unknown config key '{path}.{key}' for {owner}.{did_you_mean(str(key), options)} "
-                f"Its options: {', '.join(options) or 'none'}. Run `ablate list` to see every component's options."
+                f"Its options: {', '.join(options) or 'it has none'}. Run `ablate list` to see every component's options."
             )
         child = schema._get_node(key)
         if isinstance(child, DictConfig) and isinstance(value, Mapping) and not child._is_none():
             if OmegaConf.get_type(child) not in (dict, None):  # nested structured config: strict too
                 _check_keys(child, value, f"{path}.{key}", owner)
+
+
+def _check_weights_path(path: str | None, key: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise ConfigError(
+            f"Weights path {path} ({key}) does not exist. Weights load from local files only (nothing is downloaded): "
+            f"check the path, or remove the key to run with random weights."
+        )
 
 
 def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: Iterable[str] = ()) -> VLMConfig:
@@ -247,14 +351,22 @@ def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: 
     for key in data:
         _check_top_level_key(key, "top level of the config")
     settings = {key: data[key] for key in SETTING_KEYS if key in data}
-    try:
-        typed_settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), settings))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"Bad value for config key '{getattr(exc, 'full_key', '?')}': {exc.msg}") from None
+    typed_settings = _typed(Settings, settings, "config", "the config", "See `ablate show tiny` for an example.")
     components = {kind: _typed_component(kind, data.get(kind), registry) for kind in KINDS}
-    config = VLMConfig(**dataclasses.asdict(typed_settings), **components, sources=list(sources))
-    if config.prompt_tokens < 0 or config.batch_size < 1:
-        raise ConfigError("prompt_tokens must be >= 0 and batch_size >= 1.")
+    run = _typed(
+        RunOptions,
+        _node(RUN, data.get(RUN) or {}, "top level"),
+        RUN,
+        "the run options",
+        "See `ablate run --help` for what each option means.",
+    )
+    config = VLMConfig(**dataclasses.asdict(typed_settings), **components, run=run, sources=list(sources))
+    if config.prompt_tokens < 0:
+        raise ConfigError(f"prompt_tokens must be 0 or more, not {config.prompt_tokens}.")
+    if config.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, not {config.batch_size}.")
+    _check_weights_path(config.weights, "weights")
+    config.run.validate()
     return config
 
 
@@ -262,18 +374,26 @@ def load_config(
     source: str | os.PathLike | Mapping[str, Any] | VLMConfig,
     overrides: Iterable[str] = (),
     registry: Registry | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> VLMConfig:
-    """Compose a config from a preset name, a YAML path, a checkpoint directory or a dict, then overrides."""
+    """Compose a config from a preset name, a YAML path, a checkpoint directory or a dict, then overrides.
+
+    `run` (the `ablate run` flags, or `measure`'s keyword arguments) goes on top of everything into `run:`.
+    """
+    if isinstance(overrides, str):
+        raise ConfigError("Overrides must be a list of 'key=value' strings, e.g. ['encoder.image_size=512'].")
     overrides = list(overrides)
     if isinstance(source, VLMConfig):
-        if not overrides:
+        if not overrides and not run:
             return source
         source = source.to_dict()
-    sources: list[str] = []
-    if not isinstance(source, Mapping) and Path(source).is_dir():  # a checkpoint directory describes its model
-        from ablate.checkpoints import ablate_config
+    if not isinstance(source, (Mapping, str, os.PathLike)) or not str(source).strip():
+        raise ConfigError(f"A config is a preset name, a YAML path, a checkpoint directory or a dict, not {source!r}.")
+    if not isinstance(source, Mapping) and _is_local_path(str(source)) and Path(source).is_dir():
+        # a checkpoint directory describes its model
+        from ablate.checkpoints import checkpoint_config
 
-        source = ablate_config(Path(source))
+        source = checkpoint_config(Path(source), registry)
     if isinstance(source, Mapping):
         data = dict(source)
         base = data.pop("base", None)
@@ -282,9 +402,14 @@ def load_config(
     else:
         layers = load_layers(source)
     merged: dict[str, Any] = {}
+    sources: list[str] = []
     for where, layer in layers:
         merged = merge_layer(merged, layer, where)
         sources.append(where)
     for text in overrides:
-        merged = apply_override(merged, text)
+        if not isinstance(text, str):
+            raise ConfigError(f"Override {text!r} is not a 'key=value' string.")
+        merged = apply_override(merged, text, registry)
+    if run:
+        merged = merge_layer(merged, {RUN: dict(run)}, "run options")
     return resolve(merged, registry, sources)

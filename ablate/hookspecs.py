@@ -1,7 +1,7 @@
-"""pluggy hook specifications: one per component kind.
+"""pluggy hook specifications: one per component kind, plus checkpoint formats and preset folders.
 
 A plugin is a module (or object) named by an entry point in the `ablate` group. It implements any of these
-hooks with `@ablate.hookimpl` and calls `register(ComponentClass)` once per component:
+hooks with `@ablate.hookimpl` and calls `register(...)` once per thing it adds:
 
     import ablate
 
@@ -41,10 +41,23 @@ def register_decoders(register):
     """Register Decoder subclasses: call register(cls) for each."""
 
 
-# kind -> hook name; the one place that ties a component kind to its hook.
+@hookspec
+def register_checkpoint_formats(register):
+    """Register CheckpointFormat subclasses (whole-VLM checkpoint layouts): call register(cls) for each."""
+
+
+@hookspec
+def register_preset_folders(register):
+    """Register folders of preset YAML files (`ablate run NAME` finds NAME.yaml there): call register(path)."""
+
+
+# kind -> hook name; the one place that ties a kind of registered thing to its hook. The first four are the
+# model's components (config keys of the same names); the others are looked up by the core when it needs them.
 HOOKS = {
     "encoder": "register_encoders",
     "reducer": "register_reducers",
     "connector": "register_connectors",
     "decoder": "register_decoders",
+    "checkpoint_format": "register_checkpoint_formats",
+    "preset_folder": "register_preset_folders",
 }

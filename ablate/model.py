@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ablate.components import Connector, Decoder, EncoderOutput, TokenReducer, VisionEncoder
+from ablate.checkpoints import load_weights, read_hf_config
+from ablate.components import (
+    IGNORE_INDEX,
+    TEXT,
+    Connector,
+    Decoder,
+    DecoderOutput,
+    StageContext,
+    TokenLayout,
+    TokenReducer,
+    VisionEncoder,
+)
 from ablate.config import VLMConfig, load_config
 from ablate.errors import ConfigError, IncompatibleComponentsError
-from ablate.registry import Registry, get_registry
+from ablate.options import DTYPES, default_dtype
+from ablate.registry import KINDS, Registry, get_registry
 
 
 class VLM(nn.Module):
     """pixels -> encoder -> reducer -> connector -> decoder prefill -> first-token logits.
 
-    Every stage is a separate method so that it can be timed (or captured) on its own; `prefill` runs them all.
+    Every stage is a separate method taking and returning a StageContext, so that it can be timed (or captured) on
+    its own; `prefill` runs them all. Stage boundaries are the one place where data changes dtype: each stage's
+    input is converted to that component's dtype (see `input_dtype`), so components may run in different dtypes.
     """
 
     def __init__(
@@ -35,6 +51,7 @@ class VLM(nn.Module):
         self.reducer = reducer
         self.connector = connector
         self.decoder = decoder
+        self.loaded_weights: list[str] = []  # what `build` loaded (see checkpoints.load_weights), for the record
         image_token_id = config.image_token_id
         self.image_token_id = decoder.vocab_size - 1 if image_token_id is None else image_token_id
         if not 0 <= self.image_token_id < decoder.vocab_size:
@@ -45,71 +62,129 @@ class VLM(nn.Module):
 
     # -------------------------------------------------------------------------------------- stages
 
-    def encode(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        return self.encoder(pixel_values.to(self.dtype))
+    def start(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, image_size: tuple[int, int] | None = None
+    ) -> StageContext:
+        """The context the first stage receives: pixels, prompt ids, and the original image's (width, height)."""
+        return StageContext(pixel_values=pixel_values, input_ids=input_ids, layout=TokenLayout(image_size=image_size))
 
-    def reduce(self, features: EncoderOutput) -> EncoderOutput:
-        return self.reducer(features)
+    def encode(self, ctx: StageContext) -> StageContext:
+        return self.encoder(replace(ctx, pixel_values=_to(ctx.pixel_values, input_dtype(self.encoder))))
 
-    def connect(self, features: EncoderOutput) -> EncoderOutput:
-        tokens = self.connector(features.tokens)
-        grid = features.grid if tokens.shape[1] == features.tokens.shape[1] else None
-        return features.replace(tokens=tokens, grid=grid)
+    def reduce(self, ctx: StageContext) -> StageContext:
+        if TEXT in self.reducer.requires and ctx.text_embeds is None:  # a text-aware reducer pays for the lookup
+            ctx = replace(ctx, text_embeds=self.decoder.embed(ctx.input_ids))
+        return self.reducer(replace(ctx, tokens=_to(ctx.tokens, input_dtype(self.reducer))))
 
-    def prefill_with(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """LLM prefill over the prompt with its image placeholder replaced by `visual_embeds`."""
-        return self.decoder(self.splice(visual_embeds, input_ids))
+    def connect(self, ctx: StageContext) -> StageContext:
+        return self.connector(replace(ctx, tokens=_to(ctx.tokens, input_dtype(self.connector))))
 
-    def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
-        """The vision-side stages in execution order: each takes the previous one's output."""
+    def decode(
+        self,
+        ctx: StageContext,
+        *,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> DecoderOutput:
+        """The LLM over the prompt with its image placeholder replaced by the visual tokens."""
+        embeds, labels, attention_mask = self.splice(ctx.tokens, ctx.input_ids, ctx.text_embeds, labels, attention_mask)
+        return self.decoder(embeds, attention_mask=attention_mask, labels=labels, all_logits=all_logits)
+
+    def prefill_stage(self, ctx: StageContext) -> torch.Tensor:
+        """The timed prefill: (B, vocab) logits of the first generated token."""
+        return self.decode(ctx).logits
+
+    def vision_stages(self) -> list[tuple[str, Callable[[StageContext], StageContext]]]:
+        """The vision-side stages in execution order."""
         if self.reducer.config.position == "after_connector":
             return [("encoder", self.encode), ("connector", self.connect), ("reducer", self.reduce)]
         return [("encoder", self.encode), ("reducer", self.reduce), ("connector", self.connect)]
 
+    def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
+        """Every timed stage in order: each takes the previous one's output; the last returns logits."""
+        return self.vision_stages() + [("prefill", self.prefill_stage)]
+
+    def run_vision(self, ctx: StageContext) -> StageContext:
+        for _, stage in self.vision_stages():
+            ctx = stage(ctx)
+        return ctx
+
     def visual_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out: Any = pixel_values
-        for _, stage in self.stages():
-            out = stage(out)
-        return out.tokens
+        """(B, N, hidden) visual tokens as the LLM receives them."""
+        ids = torch.full((pixel_values.shape[0], 1), self.image_token_id, device=pixel_values.device)
+        return self.run_vision(self.start(pixel_values, ids)).tokens
 
     def prefill(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels and (B, T) ids with one `image_token_id` each -> (B, vocab) first-token logits."""
-        return self.prefill_with(self.visual_embeds(pixel_values), input_ids)
+        return self.prefill_stage(self.run_vision(self.start(pixel_values, input_ids)))
 
-    forward = prefill
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> DecoderOutput:
+        """Training and evaluation entry: labels (B, T) aligned with input_ids give the loss (placeholder ignored)."""
+        ctx = self.run_vision(self.start(pixel_values, input_ids))
+        return self.decode(ctx, labels=labels, attention_mask=attention_mask, all_logits=all_logits)
 
     # ------------------------------------------------------------------------------------- helpers
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.decoder.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
-    def splice(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings of `input_ids` with each row's single image placeholder replaced by its visual tokens."""
+    def splice(
+        self,
+        visual: torch.Tensor,
+        input_ids: torch.Tensor,
+        text: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Prompt embeddings with each row's single image placeholder replaced by its N visual tokens.
+
+        `text`: the prompt's embeddings if already computed. Labels get IGNORE_INDEX and the attention mask 1 at the
+        visual positions, so all three stay aligned.
+        """
         is_image = input_ids == self.image_token_id
         per_row = is_image.sum(dim=1)
         if not bool((per_row == 1).all()):
-            raise ValueError(
-                f"Each prompt must hold exactly one image placeholder (id {self.image_token_id}); "
-                f"found {per_row.tolist()} per row."
+            raise ConfigError(
+                f"Each prompt must hold exactly one image placeholder (id {self.image_token_id}); found "
+                f"{per_row.tolist()} per row. Put one image_token_id in every prompt (see VLM.make_prompt)."
             )
-        if visual_embeds.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{visual_embeds.shape[0]} images for {input_ids.shape[0]} prompts")
+        if visual.shape[0] != input_ids.shape[0]:
+            raise ConfigError(f"{visual.shape[0]} images for {input_ids.shape[0]} prompts: give one image per prompt.")
         # Embedding the placeholder id is harmless: its row is cut out below.
-        text = self.decoder.embed(input_ids)
-        visual_embeds = visual_embeds.to(text.dtype)
+        text = self.decoder.embed(input_ids) if text is None else text
+        visual = visual.to(text.dtype)  # the decoder's input dtype: the last stage boundary
+        n = visual.shape[1]
+        fill = {
+            "labels": (labels, lambda t: torch.full((t.shape[0], n), IGNORE_INDEX, dtype=t.dtype, device=t.device)),
+            "mask": (attention_mask, lambda t: torch.ones((t.shape[0], n), dtype=t.dtype, device=t.device)),
+        }
         position = is_image.int().argmax(dim=1)
         if bool((position == position[0]).all()):  # the common case: one slice, no Python loop over rows
             p = int(position[0])
-            return torch.cat([text[:, :p], visual_embeds, text[:, p + 1 :]], dim=1)
-        rows = [
-            torch.cat([text[i, :p], visual_embeds[i], text[i, p + 1 :]]) for i, p in enumerate(position.tolist())
-        ]
-        return torch.stack(rows)
+
+            def cut(t, middle):
+                return torch.cat([t[:, :p], middle, t[:, p + 1 :]], dim=1)
+
+            extra = [None if t is None else cut(t, make(t)) for t, make in fill.values()]
+            return cut(text, visual), extra[0], extra[1]
+
+        def rows(t, middle):
+            return torch.stack(
+                [torch.cat([t[i, :p], middle[i], t[i, p + 1 :]]) for i, p in enumerate(position.tolist())]
+            )
+
+        extra = [None if t is None else rows(t, make(t)) for t, make in fill.values()]
+        return rows(text, visual), extra[0], extra[1]
 
     def make_prompt(self, prompt_tokens: int, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
         """Synthetic prompt ids: the image placeholder, then `prompt_tokens` random text ids (LLaVA order)."""
@@ -120,37 +195,49 @@ class VLM(nn.Module):
         placeholder = torch.full((batch_size, 1), self.image_token_id, dtype=text.dtype)
         return torch.cat([placeholder, text], dim=1).to(self.device)
 
+    def declared_layouts(self) -> dict[str, TokenLayout | None]:
+        """Each vision stage's output layout as the components declare it (None: decided by the image)."""
+        layout: TokenLayout | None = self.encoder.output_layout()
+        layouts = {"encoder": layout}
+        for name, _ in self.vision_stages()[1:]:
+            if layout is not None:
+                layout = getattr(self, name).output_layout(layout)
+            layouts[name] = layout
+        return layouts
+
     def num_visual_tokens(self) -> int | None:
         """Tokens handed to the LLM for one image at the configured size (None if image-dependent)."""
-        count: int | None = self.encoder.num_tokens()
-        grid = _square_grid(count)
-        for name, _ in self.stages()[1:]:
-            if count is None:
-                return None
-            module = self.reducer if name == "reducer" else self.connector
-            new = module.num_tokens(count, grid)
-            grid = grid if new == count else None
-            count = new
-        return count
+        last = list(self.declared_layouts().values())[-1]
+        return None if last is None else last.num_tokens
 
     def params(self) -> dict[str, int]:
-        counts = {kind: _count(getattr(self, kind)) for kind in ("encoder", "reducer", "connector", "decoder")}
+        counts = {kind: _count(getattr(self, kind)) for kind in KINDS}
         counts["total"] = _count(self)
         return counts
+
+
+def input_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype a component computes in: its first floating-point parameter's (None: it has none, keep the input's)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return None
+
+
+def _to(tensor: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    if tensor is None or dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
 
 
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _square_grid(count: int) -> tuple[int, int] | None:
-    side = int(round(count**0.5))
-    return (side, side) if side * side == count else None
-
-
-def check_compatible(encoder: VisionEncoder, reducer: TokenReducer, config: VLMConfig) -> None:
+def check_compatible(encoder: VisionEncoder, reducer: TokenReducer, connector: Connector | None = None) -> None:
     """Fail before anything runs when the reducer needs what the encoder cannot give."""
-    missing = set(reducer.requires) - set(encoder.provides)
+    available = set(encoder.provides) | {TEXT}  # the VLM itself provides the prompt's embeddings
+    missing = set(reducer.requires) - available
     if missing:
         raise IncompatibleComponentsError(
             f"Reducer '{reducer.name}' (reducer.name) needs {', '.join(sorted(missing))} from the encoder, but "
@@ -158,45 +245,71 @@ def check_compatible(encoder: VisionEncoder, reducer: TokenReducer, config: VLMC
             f"Pick an encoder that provides it (e.g. a ViT with a CLS token via encoder=timm), or a reducer "
             f"that does not need it (e.g. reducer=none)."
         )
-    if reducer.needs_grid and _square_grid(encoder.num_tokens()) is None:
-        raise IncompatibleComponentsError(
-            f"Reducer '{reducer.name}' needs tokens on a 2-D grid; encoder '{encoder.name}' at "
-            f"{config.encoder.image_size} px does not give a square grid. Use a square grid encoder setting."
-        )
+    if reducer.needs_grid:
+        layout = encoder.output_layout()
+        if reducer.config.position == "after_connector" and connector is not None:
+            layout = connector.output_layout(layout)
+        if layout.grid is None:
+            raise IncompatibleComponentsError(
+                f"Reducer '{reducer.name}' needs its input tokens on one 2-D grid; encoder '{encoder.name}' at "
+                f"{encoder.config.image_size} px gives {layout}. Use an encoder setting that gives one grid."
+            )
 
 
 def build(
-    config: str | VLMConfig | dict,
+    config: str | os.PathLike | VLMConfig | dict,
     overrides: Iterable[str] = (),
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     meta: bool = False,
+    train: bool = False,
     registry: Registry | None = None,
 ) -> VLM:
-    """Build a VLM from a preset name, YAML path, dict or resolved config, plus `key=value` overrides.
+    """Build a VLM from a resolved config (or a preset name, YAML path, checkpoint directory or dict, plus overrides).
 
-    Weights are random unless the config names weights. `meta=True` builds on the meta device: shapes,
-    parameter counts and FLOPs without allocating memory (7B configs on a laptop).
+    Each component is built in its dtype (`run.dtype`, `run.dtypes.KIND`, or `dtype` for all) and then gets the
+    weights its config names, strictly; weights are random otherwise. `meta=True` builds on the meta device:
+    shapes, parameter counts and FLOPs without allocating memory (7B configs on a laptop); no weights are loaded.
+    `train=True` returns the model in train mode (dropout, gradients); the default is eval mode.
     """
     registry = registry or get_registry()
     config = load_config(config, overrides, registry)
-    classes = {kind: registry.get(kind, getattr(config, kind).name) for kind in ("encoder", "reducer", "connector", "decoder")}
-    with torch.device("meta") if meta else nullcontext():
-        encoder = classes["encoder"](config.encoder)
-        encoder.num_tokens()  # rejects an image size the encoder cannot take, before the big decoder is built
-        reducer = classes["reducer"](config.reducer)
-        check_compatible(encoder, reducer, config)
-        encoder.request(frozenset(reducer.requires))
-        decoder = classes["decoder"](config.decoder)
-        connector = classes["connector"](config.connector, in_width=encoder.width, out_width=decoder.hidden_size)
-        vlm = VLM(config, encoder, reducer, connector, decoder)
-    if config.weights and not meta:
-        from ablate.checkpoints import load_vlm_weights  # only needed with real weights
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"Unknown dtype '{dtype}'. Choose one of: {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    dtypes = {kind: dtype or config.run.dtype_of(kind) for kind in KINDS}
+    classes = {kind: registry.get(kind, getattr(config, kind).name) for kind in KINDS}
 
-        load_vlm_weights(vlm, config.weights)
-    if dtype is not None:
-        vlm = vlm.to(dtype=dtype)
-    if device is not None and not meta:
-        vlm = vlm.to(device)
-    return vlm.eval()
+    def make(kind: str, *args) -> Any:
+        component_config = getattr(config, kind)
+        with registry.blame(kind, component_config.name, "building it"), default_dtype(dtypes[kind]):
+            return classes[kind](component_config, *args)
+
+    with torch.device("meta") if meta else nullcontext():
+        encoder = make("encoder")
+        with registry.blame("encoder", encoder.name, "counting its tokens"):
+            encoder.num_tokens()  # rejects an image size the encoder cannot take, before the big decoder is built
+        reducer = make("reducer")
+        decoder = make("decoder")
+        connector = make("connector", encoder.width, decoder.hidden_size)
+        check_compatible(encoder, reducer, connector)
+        encoder.request(frozenset(reducer.requires) - {TEXT})
+        vlm = VLM(config, encoder, reducer, connector, decoder)
+    if not meta:
+        vlm.loaded_weights = load_weights(vlm, registry)
+        vlm = vlm.to(device or config.run.device)
+    return vlm.train(train)
+
+
+def from_checkpoint(path: str | os.PathLike, overrides: Iterable[str] = (), **build_options) -> VLM:
+    """Build the VLM a checkpoint directory describes and load every one of its tensors.
+
+    `overrides` apply on top of the checkpoint's own config, e.g. ["encoder.image_size=512"] to run the released
+    weights at another resolution; `build_options` are `build`'s (device, dtype).
+    """
+    from pathlib import Path
+
+    read_hf_config(Path(path))  # a clear error when it is no checkpoint directory
+    return build(path, overrides, **build_options)

@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ablate.components import Preprocessing
 from ablate.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become `pixel_values` for an encoder (timm's pretrained-config idea)."""
+
+    image_size: int
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # "pad": pad to a square with `pad_color`, then resize (LLaVA 'pad', FastVLM);
+    # "squash": resize to a square ignoring aspect; "center_crop": resize shortest side, crop the centre.
+    resize: Literal["pad", "squash", "center_crop"] = "pad"
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file; images above PIL's decompression-bomb limit (about 179 megapixels) are refused."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as exc:
+        with warnings.catch_warnings():  # large but decodable images are fine; the error case is handled below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ConfigError(
+            f"Image {path} is too large to decode safely ({exc}). Downscale it first (VLM encoders take at most a "
+            f"few thousand pixels a side), e.g. with PIL's Image.thumbnail."
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some corrupt headers
         raise ConfigError(f"Cannot read image {path}: {exc}. Give a PNG/JPEG file path with --image.") from None
 
 

@@ -1,7 +1,9 @@
-"""Plugin loading and component lookup.
+"""Plugin loading and lookup of components, checkpoint formats and preset folders.
 
-Plugins are found through the `ablate` entry-point group, built-ins included. Each one is imported and asked
-to register on its own, so one broken plugin is reported (see `ablate plugins`) instead of breaking the tool.
+Plugins are found through the `ablate` entry-point group, built-ins included; ablate's own entry points load first,
+so a third-party plugin can never take a built-in's name (it fails to load instead, and says why). Each plugin is
+imported and asked to register on its own, so one broken plugin is reported (see `ablate plugins`) instead of
+breaking the tool.
 
 Environment:
   ABLATE_PLUGINS=a,b        load only these entry points (by entry-point name)
@@ -13,17 +15,29 @@ from __future__ import annotations
 import dataclasses
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import pluggy
 from omegaconf import OmegaConf
 
-from ablate import hookspecs
+import ablate.hookspecs as hookspecs
 from ablate.components import COMPONENT_BASES
-from ablate.errors import PluginError, UnknownComponentError, did_you_mean
+from ablate.errors import (
+    AblateError,
+    PluginError,
+    ResourceError,
+    UnknownComponentError,
+    did_you_mean,
+    out_of_memory,
+    unexpected,
+)
 
-KINDS = tuple(hookspecs.HOOKS)
+KINDS = ("encoder", "reducer", "connector", "decoder")  # the model's components, in pipeline order
+OWN_DISTRIBUTION = "ablate"  # entry points of this distribution are the built-ins
 
 
 @dataclass
@@ -33,31 +47,39 @@ class PluginInfo:
     name: str
     module: str
     version: str | None = None
+    builtin: bool = False
     components: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
     error: str | None = None  # one-line summary of a load/register failure
     traceback: str | None = None
 
 
 class Registry:
-    """Components by kind and name, and the plugins that provided them."""
+    """Components by kind and name, checkpoint formats, preset folders, and the plugins that provided them."""
 
     def __init__(self):
-        self.components: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+        self.components: dict[str, dict[str, type]] = {kind: {} for kind in COMPONENT_BASES}
+        self.preset_folders: list[tuple[str, Path]] = []  # (plugin name, folder)
         self.owner: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin name
         self.plugins: dict[str, PluginInfo] = {}
+        self.selection: set[str] | None = None  # ABLATE_PLUGINS, when it limits what loads
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
 
     # -------------------------------------------------------------------------------------- loading
 
     def load_entry_points(self, only: set[str] | None = None, strict: bool = False) -> None:
-        for entry_point in sorted(metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
+        self.selection = only
+
+        def builtins_first(entry_point):
+            return (not _is_builtin(entry_point), entry_point.name)
+
+        for entry_point in sorted(metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=builtins_first):
             if only is not None and entry_point.name not in only:
                 continue
             if entry_point.name in self.plugins:  # the same distribution seen twice on sys.path
                 continue
             version = entry_point.dist.version if entry_point.dist else None
-            info = PluginInfo(name=entry_point.name, module=entry_point.value, version=version)
+            info = PluginInfo(entry_point.name, entry_point.value, version, builtin=_is_builtin(entry_point))
             self.plugins[info.name] = info
             try:
                 plugin = entry_point.load()
@@ -65,9 +87,15 @@ class Registry:
                 self._fail(info, f"import of {entry_point.value} failed: {type(exc).__name__}: {exc}", strict)
                 continue
             self.add_plugin(plugin, info, strict=strict)
+        for name in sorted((only or set()) - set(self.plugins)):
+            self.plugins[name] = PluginInfo(
+                name, "-", error="ABLATE_PLUGINS names it, but no installed plugin has that entry-point name"
+            )
+            if strict:
+                self._fail(self.plugins[name], self.plugins[name].error, strict)
 
     def add_plugin(self, plugin, info: PluginInfo | str, strict: bool = False) -> None:
-        """Register one plugin object (module or instance) and collect its components."""
+        """Register one plugin object (module or instance) and collect what it registers."""
         if isinstance(info, str):
             info = PluginInfo(name=info, module=getattr(plugin, "__name__", repr(plugin)))
             self.plugins[info.name] = info
@@ -84,36 +112,47 @@ class Registry:
                 if impl.plugin is not plugin:
                     continue
                 try:
-                    impl.function(register=lambda cls, kind=kind: self._register(kind, cls, info))
+                    impl.function(register=lambda thing, kind=kind: self._register(kind, thing, info))
                 except Exception as exc:
                     self._drop(info)
                     self.pm.unregister(plugin)
                     self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}", strict)
                     return
 
-    def _register(self, kind: str, cls: type, info: PluginInfo) -> None:
+    def _register(self, kind: str, thing, info: PluginInfo) -> None:
+        if kind == "preset_folder":
+            folder = Path(thing)
+            if not folder.is_dir():
+                raise ValueError(f"preset folder {folder} does not exist")
+            self.preset_folders.append((info.name, folder))
+            info.components.append((kind, str(folder)))
+            return
         base = COMPONENT_BASES[kind]
-        if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise TypeError(f"{cls!r} is not a subclass of ablate.components.{base.__name__}")
-        name = getattr(cls, "name", None)
+        if not (isinstance(thing, type) and issubclass(thing, base)):
+            raise TypeError(f"{thing!r} is not a subclass of ablate.components.{base.__name__}")
+        name = getattr(thing, "name", None)
         if not isinstance(name, str) or not name:
-            raise TypeError(f"{cls.__name__} has no `name` class attribute")
-        if not dataclasses.is_dataclass(cls.Config):
-            raise TypeError(f"{cls.__name__}.Config must be a dataclass")
-        try:  # a Config that OmegaConf cannot type would otherwise fail much later, at config time
-            OmegaConf.structured(cls.Config)
-        except Exception as exc:
-            raise TypeError(f"{cls.__name__}.Config is not a valid structured config: {exc}") from None
+            raise TypeError(f"{thing.__name__} has no `name` class attribute")
+        if kind in KINDS:
+            if not dataclasses.is_dataclass(thing.Config):
+                raise TypeError(f"{thing.__name__}.Config must be a dataclass")
+            try:  # a Config that OmegaConf cannot type would otherwise fail much later, at config time
+                OmegaConf.structured(thing.Config)
+            except Exception as exc:
+                raise TypeError(f"{thing.__name__}.Config is not a valid structured config: {exc}") from None
         if name in self.components[kind]:
-            raise ValueError(
-                f"{kind} '{name}' is already registered by plugin '{self.owner[(kind, name)]}'; pick another name"
-            )
-        self.components[kind][name] = cls
+            owner = self.owner[(kind, name)]
+            builtin = " (built into ablate)" if self.plugins[owner].builtin else ""
+            raise ValueError(f"{kind} '{name}' is already registered by plugin '{owner}'{builtin}; pick another name")
+        self.components[kind][name] = thing
         self.owner[(kind, name)] = info.name
         info.components.append((kind, name))
 
     def _drop(self, info: PluginInfo) -> None:
         for kind, name in info.components:
+            if kind == "preset_folder":
+                self.preset_folders = [(p, f) for p, f in self.preset_folders if p != info.name]
+                continue
             self.components[kind].pop(name, None)
             self.owner.pop((kind, name), None)
         info.components.clear()
@@ -133,22 +172,71 @@ class Registry:
         return sorted(self.components[kind])
 
     def get(self, kind: str, name: str, key: str | None = None) -> type:
-        """The component class registered under `name`; a helpful error if there is none."""
+        """The class registered under `name`; a helpful error if there is none."""
         if kind not in self.components:
             raise UnknownComponentError(f"Unknown component kind '{kind}'. Kinds: {', '.join(KINDS)}.")
         try:
             return self.components[kind][name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name (a list or mapping given as the name)
             pass
         where = f" (config key '{key}')" if key else ""
-        available = ", ".join(self.names(kind)) or "none"
+        available = ", ".join(self.names(kind)) or "none registered"
         hint = did_you_mean(str(name), self.names(kind))
-        broken = [p.name for p in self.plugins.values() if p.error]
-        broken_note = f" Plugins that failed to load: {', '.join(broken)} (see `ablate plugins`)." if broken else ""
+        listing = "list" if kind in KINDS else "plugins"
         raise UnknownComponentError(
             f"Unknown {kind} '{name}'{where}.{hint} Available {kind}s: {available}. "
-            f"Run `ablate list {kind}` for descriptions and options.{broken_note}"
+            f"Run `ablate {listing}` for descriptions and options.{self.broken_note()}"
         )
+
+    def plugin_of(self, kind: str, name: str) -> str | None:
+        return self.owner.get((kind, name))
+
+    @contextmanager
+    def blame(self, kind: str, name: str, what: str) -> Iterator[None]:
+        """Turn an unexpected exception inside component `name` into a PluginFailure naming its plugin."""
+        try:
+            yield
+        except AblateError:
+            raise  # a plugin's own clear message about bad input
+        except Exception as exc:
+            if out_of_memory(exc):
+                raise ResourceError(
+                    f"Out of memory while {what} ({kind} '{name}'): {exc}. Use a smaller model, batch or image size, "
+                    f"--dtype bfloat16, or --count-only (no weights allocated)."
+                ) from exc
+            raise unexpected(
+                exc, f"{what} ({kind} '{name}')", self.plugin_of(kind, name) or f"unknown ({kind} '{name}')"
+            ) from exc
+
+    def plugin_in_traceback(self, exc: BaseException) -> str | None:
+        """The plugin whose module raised `exc` (the innermost plugin frame of its traceback); None: none did."""
+        modules = {info.module.partition(":")[0]: name for name, info in self.plugins.items()}
+        for (kind, component), owner in self.owner.items():  # components may live outside their plugin's module
+            modules.setdefault(self.components[kind][component].__module__, owner)
+        blamed = None
+        tb = exc.__traceback__
+        while tb is not None:
+            module = tb.tb_frame.f_globals.get("__name__", "")
+            for prefix, name in modules.items():
+                if module == prefix or module.startswith(prefix + "."):
+                    blamed = name
+            tb = tb.tb_next
+        return blamed
+
+    def broken_note(self) -> str:
+        broken = [p.name for p in self.plugins.values() if p.error]
+        note = f" Plugins that failed to load: {', '.join(broken)} (see `ablate plugins`)." if broken else ""
+        if self.selection is not None:
+            note += f" Only the plugins in ABLATE_PLUGINS={','.join(sorted(self.selection))} were loaded."
+        return note
+
+    def versions(self) -> dict[str, str | None]:
+        """Every loaded plugin's version (None for plugins that are not installed distributions)."""
+        return {name: info.version for name, info in sorted(self.plugins.items()) if not info.error}
+
+
+def _is_builtin(entry_point) -> bool:
+    return entry_point.dist is not None and entry_point.dist.name == OWN_DISTRIBUTION
 
 
 _registry: Registry | None = None

@@ -32,21 +32,26 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
 from ablate.components import (
     ATTENTION,
-    CAPABILITIES,
     CLS,
+    IGNORE_INDEX,
+    TEXT,
+    Attention,
     Connector,
     ConnectorConfig,
     Decoder,
     DecoderConfig,
+    DecoderOutput,
     EncoderConfig,
-    EncoderOutput,
     Preprocessing,
     ReducerConfig,
+    StageContext,
+    TokenLayout,
     TokenReducer,
     VisionEncoder,
     describe,
@@ -72,26 +77,36 @@ __all__ = [
 
 
 def _tensor(out: Any) -> torch.Tensor:
-    """The main tensor of a component's output: an EncoderOutput's tokens, or the tensor itself."""
-    return out.tokens if isinstance(out, EncoderOutput) else out
+    """The main tensor of a component's input or output: a context's tokens (or pixels), logits, or the tensor."""
+    if isinstance(out, StageContext):
+        return out.tokens if out.tokens is not None else out.pixel_values
+    if isinstance(out, DecoderOutput):
+        return out.logits
+    return out
 
 
 def _move(value: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-    """Move a tensor, or every tensor of an EncoderOutput; dtype changes only floating-point tensors."""
-    if isinstance(value, EncoderOutput):
-        return value.replace(**{
-            f.name: _move(getattr(value, f.name), device, dtype)
-            for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor)
-        })
+    """Move a tensor, or every tensor of a StageContext (or Attention); dtype changes only floating-point tensors."""
+    if isinstance(value, (StageContext, Attention)):
+        return dataclasses.replace(
+            value,
+            **{
+                f.name: _move(getattr(value, f.name), device, dtype)
+                for f in dataclasses.fields(value)
+                if isinstance(getattr(value, f.name), (torch.Tensor, Attention))
+            },
+        )
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
     return value
 
 
-def _check_grid(component: nn.Module, out: EncoderOutput) -> None:
-    if out.grid is not None:
-        h, w = out.grid
-        assert h * w == out.tokens.shape[1], f"{component.name}: grid {out.grid} vs {out.tokens.shape[1]} tokens"
+def _check_layout(component: nn.Module, out: StageContext) -> None:
+    assert isinstance(out.layout, TokenLayout), f"{component.name}: ctx.layout must be a TokenLayout"
+    assert out.layout.num_tokens == out.tokens.shape[1], (
+        f"{component.name}: the layout accounts for {out.layout.num_tokens} tokens, but there are "
+        f"{out.tokens.shape[1]} ({out.layout})"
+    )
 
 
 def _rows(make_row, batch: int, seed: int) -> torch.Tensor:
@@ -299,7 +314,10 @@ class _Conformance:
             for i in range(2):
                 alone = _tensor(component(self.make_inputs(component, 1, self.seed + i)))
                 torch.testing.assert_close(
-                    together[i : i + 1], alone, atol=self.atol, rtol=self.rtol,
+                    together[i : i + 1],
+                    alone,
+                    atol=self.atol,
+                    rtol=self.rtol,
                     msg=lambda m, i=i: f"{component.name}: row {i} of a batch-2 output differs from batch-1. {m}",
                 )
 
@@ -332,40 +350,58 @@ class EncoderConformance(_Conformance):
         # None: the configured size / no bad size given (that test then skips, saying what to set).
         sizes, bad = list(self.image_sizes) or [None], list(self.bad_image_sizes) or [None]
         return super().parameters() + [
-            ("capability", sorted(CAPABILITIES), None),
+            ("capability", [CLS, ATTENTION], None),
             ("image_size", sizes, [str(s) if s else "configured" for s in sizes]),
             ("bad_image_size", bad, [str(s) if s else "unset" for s in bad]),
         ]
 
     def make_inputs(self, component, batch, seed):
-        size = component.config.image_size
-        return _rows(lambda g: torch.rand(1, 3, size, size, generator=g), batch, seed)
+        shape = component.input_shape(1)
+        return StageContext(pixel_values=_rows(lambda g: torch.rand(*shape, generator=g), batch, seed))
 
     def expected_shape(self, component, inputs):
-        return (inputs.shape[0], component.num_tokens(inputs.shape[-1]), component.width)
+        size = inputs.pixel_values.shape[-1]
+        return (inputs.pixel_values.shape[0], component.num_tokens(size), component.width)
 
     def check_output(self, component, inputs, out):
-        assert isinstance(out, EncoderOutput), (
-            f"{component.name}: forward must return an EncoderOutput, not {type(out).__name__}"
+        assert isinstance(out, StageContext), (
+            f"{component.name}: forward must return a StageContext (dataclasses.replace(ctx, tokens=...)), not "
+            f"{type(out).__name__}"
         )
         tokens = out.tokens
         assert isinstance(tokens, torch.Tensor) and tokens.ndim == 3, f"{component.name}: tokens must be (B, N, C)"
         assert isinstance(component.width, int) and component.width > 0, f"{component.name}: set self.width in __init__"
-        assert tokens.shape[0] == inputs.shape[0], f"{component.name}: {inputs.shape[0]} images, {tokens.shape[0]} rows"
+        batch = inputs.pixel_values.shape[0]
+        assert tokens.shape[0] == batch, f"{component.name}: {batch} images, {tokens.shape[0]} rows"
         assert tokens.shape[2] == component.width, (
             f"{component.name}: tokens are {tokens.shape[2]} wide but the encoder declares width={component.width}"
         )
-        _check_grid(component, out)
-        assert isinstance(out.num_prefix_tokens, int) and out.num_prefix_tokens >= 0
+        _check_layout(component, out)
+        if out.attention is not None:
+            q, k = out.attention.queries, out.attention.keys
+            assert q.ndim == 4 and q.shape == k.shape and q.shape[0] == batch, (
+                f"{component.name}: attention queries and keys must be (B, heads, T, head_dim), got {tuple(q.shape)}"
+            )
+            # Reducers index attention over the visual tokens after the prefix ones: the counts must line up.
+            prefix = out.attention.num_prefix_tokens
+            assert q.shape[2] == prefix + tokens.shape[1], (
+                f"{component.name}: attention over {q.shape[2]} tokens, but {prefix} prefix + {tokens.shape[1]} visual"
+            )
 
     def test_declared_tokens_per_size(self, image_size):
-        """`num_tokens(size)` equals the real count at every supported size (on meta when real_forward is off)."""
+        """`num_tokens(size)` and `output_layout()` equal the real output at every supported size."""
         changes = {"image_size": image_size} if image_size else {}
         component = self.instance(meta=not self.real_forward, **changes)
         size = component.config.image_size
         assert component.num_tokens() == component.num_tokens(size), f"{component.name}: num_tokens() vs ({size})"
         inputs = self.make_inputs(component, 1, self.seed)
-        self.run_checked(component, _move(inputs, device="meta") if not self.real_forward else inputs)
+        inputs = _move(inputs, device="meta") if not self.real_forward else inputs
+        self.run_checked(component, inputs)
+        with torch.no_grad():
+            out = component(inputs)
+        assert component.output_layout() == dataclasses.replace(out.layout, image_size=None), (
+            f"{component.name}: output_layout() declares {component.output_layout()}, forward gives {out.layout}"
+        )
         assert component.preprocessing.image_size == size
 
     def test_bad_image_size_is_refused(self, bad_image_size):
@@ -386,10 +422,19 @@ class EncoderConformance(_Conformance):
             allowed = typing.get_args(hints[field])
             assert getattr(prep, field) in allowed, f"{component.name}: preprocessing.{field} must be one of {allowed}"
 
+    def test_prepare_gives_the_input_shape(self):
+        """`prepare` (a PIL image -> pixel_values of one image) matches `input_shape`."""
+        from PIL import Image
+
+        component = self.instance(meta=True)
+        pixels = component.prepare(Image.new("RGB", (37, 23), (200, 100, 50)))
+        assert tuple(pixels.shape) == tuple(component.input_shape(1))[1:], (
+            f"{component.name}: prepare() gives {tuple(pixels.shape)}, input_shape(1) says {component.input_shape(1)}"
+        )
+
     def test_capability(self, capability):
         """Declared extras arrive after request(); undeclared ones are refused (meta when real_forward is off)."""
         component = self.instance(meta=not self.real_forward)
-        assert set(component.provides) <= CAPABILITIES, f"{component.name}.provides: only {sorted(CAPABILITIES)}"
         if capability not in component.provides:
             with pytest.raises(ValueError):
                 component.request(frozenset({capability}))
@@ -397,65 +442,78 @@ class EncoderConformance(_Conformance):
         component.request(frozenset({capability}))
         inputs = self.make_inputs(component, self.batch_size, self.seed)
         out = self.forward(component, _move(inputs, device="meta") if not self.real_forward else inputs)
-        tokens, batch = out.tokens, self.batch_size
+        self.check_output(component, inputs, out)
         if capability == CLS:
-            assert out.cls is not None and out.cls.shape == (batch, component.width), (
-                f"{component.name}: cls must be (B, width) = {(batch, component.width)} after request({{CLS}})"
+            assert out.cls is not None and out.cls.shape == (self.batch_size, component.width), (
+                f"{component.name}: cls must be (B, width) = {(self.batch_size, component.width)} after request({{CLS}})"
             )
         if capability == ATTENTION:
-            q, k = out.queries, out.keys
-            assert q is not None and k is not None, f"{component.name}: no queries/keys after request({{ATTENTION}})"
-            assert q.ndim == 3 and q.shape == k.shape and q.shape[0] == batch
-            # Reducers index attention over the visual tokens after the prefix ones: the counts must line up.
-            assert q.shape[1] == out.num_prefix_tokens + tokens.shape[1], (
-                f"{component.name}: attention over {q.shape[1]} tokens, but {out.num_prefix_tokens} prefix + "
-                f"{tokens.shape[1]} visual tokens"
-            )
+            assert out.attention is not None, f"{component.name}: no ctx.attention after request({{ATTENTION}})"
+
+    def test_plugin_defined_extras_arrive(self):
+        """Extras beyond CLS and ATTENTION that the encoder provides come in ctx.extras under their names."""
+        component = self.instance(meta=not self.real_forward)
+        own = sorted(set(component.provides) - {CLS, ATTENTION, TEXT})
+        if not own:
+            pytest.skip(f"{component.name} provides no plugin-defined extras")
+        component.request(frozenset(own))
+        inputs = self.make_inputs(component, self.batch_size, self.seed)
+        out = self.forward(component, _move(inputs, device="meta") if not self.real_forward else inputs)
+        missing = [name for name in own if name not in out.extras]
+        assert not missing, f"{component.name}: requested extras missing from ctx.extras: {missing}"
 
 
 # ------------------------------------------------------------------------------------------- reducer
 
 
 class ReducerConformance(_Conformance):
-    """Checks a TokenReducer on synthetic encoder outputs (a 4x4 grid, with CLS and attention when required)."""
+    """Checks a TokenReducer on synthetic encoder outputs (a 4x4 grid, with CLS, attention and text when required)."""
 
     kind = "reducer"
     base = TokenReducer
     config_base = ReducerConfig
     grid: ClassVar[tuple[int, int]] = (4, 4)
     width: ClassVar[int] = 16
-    attention_width: ClassVar[int] = 8
+    heads: ClassVar[int] = 2
+    head_dim: ClassVar[int] = 4
+    text_length: ClassVar[int] = 5
     every_parameter_gets_grad = True
 
     def make_inputs(self, component, batch, seed, extras=None):
-        """An EncoderOutput with the extras the reducer requires (or `extras`), one CLS-like prefix token."""
+        """A StageContext with the extras the reducer requires (or `extras`); attention has one CLS-like prefix."""
         extras = component.requires if extras is None else extras
-        n, c, d = self.grid[0] * self.grid[1], self.width, self.attention_width
-        tokens = _rows(lambda g: torch.randn(1, n, c, generator=g), batch, seed)
-        features = EncoderOutput(tokens=tokens, grid=self.grid)
+        n, c = self.grid[0] * self.grid[1], self.width
+        values: dict[str, Any] = {
+            "tokens": _rows(lambda g: torch.randn(1, n, c, generator=g), batch, seed),
+            "layout": TokenLayout.grid_of(*self.grid),
+        }
         if CLS in extras:
-            features.cls = _rows(lambda g: torch.randn(1, c, generator=g), batch, seed + 100)
+            values["cls"] = _rows(lambda g: torch.randn(1, c, generator=g), batch, seed + 100)
         if ATTENTION in extras:
-            features.queries = _rows(lambda g: torch.randn(1, 1 + n, d, generator=g), batch, seed + 200)
-            features.keys = _rows(lambda g: torch.randn(1, 1 + n, d, generator=g), batch, seed + 300)
-            features.num_prefix_tokens = 1
-        return features
+            shape = (1, self.heads, 1 + n, self.head_dim)
+            values["attention"] = Attention(
+                queries=_rows(lambda g: torch.randn(*shape, generator=g), batch, seed + 200),
+                keys=_rows(lambda g: torch.randn(*shape, generator=g), batch, seed + 300),
+                num_prefix_tokens=1,
+            )
+        if TEXT in extras:
+            values["text_embeds"] = _rows(lambda g: torch.randn(1, self.text_length, c, generator=g), batch, seed + 400)
+        return StageContext(**values)
 
     def expected_shape(self, component, inputs):
-        count = component.num_tokens(inputs.tokens.shape[1], inputs.grid)
-        return None if count is None else (inputs.tokens.shape[0], count, inputs.tokens.shape[2])
+        layout = component.output_layout(inputs.layout)
+        return None if layout is None else (inputs.tokens.shape[0], layout.num_tokens, inputs.tokens.shape[2])
 
     def check_output(self, component, inputs, out):
-        assert isinstance(out, EncoderOutput), f"{component.name}: forward must return an EncoderOutput"
+        assert isinstance(out, StageContext), f"{component.name}: forward must return a StageContext"
         tokens = out.tokens
         assert tokens.ndim == 3 and tokens.shape[0] == inputs.tokens.shape[0]
         assert tokens.shape[2] == inputs.tokens.shape[2], f"{component.name}: a reducer must keep the token width"
         assert 1 <= tokens.shape[1] <= inputs.tokens.shape[1] + 1, f"{component.name}: {tokens.shape[1]} tokens out"
-        _check_grid(component, out)
+        _check_layout(component, out)
 
-    def test_requires_and_position(self):
+    def test_position(self):
         component = self.instance(meta=True)
-        assert set(component.requires) <= CAPABILITIES, f"{component.name}.requires: only {sorted(CAPABILITIES)}"
         allowed = typing.get_args(typing.get_type_hints(ReducerConfig)["position"])
         assert component.config.position in allowed
 
@@ -469,13 +527,13 @@ class ReducerConformance(_Conformance):
         """Without any of its declared extras it cannot run; otherwise `requires` needlessly rules encoders out.
 
         (Only all-or-nothing: a single requirement may be semantic, e.g. PruMerge needs CLS as the first query of
-        the attention it reads, not `features.cls`.)
+        the attention it reads, not `ctx.cls`.)
         """
         self.require_real_forward()
         component = self.instance()
         if not component.requires:
             pytest.skip(f"{component.name} requires nothing")
-        with pytest.raises(Exception):
+        with pytest.raises((ValueError, TypeError, AttributeError, KeyError)):
             self.forward(component, self.make_inputs(component, self.batch_size, self.seed, extras=frozenset()))
 
 
@@ -483,7 +541,7 @@ class ReducerConformance(_Conformance):
 
 
 class ConnectorConformance(_Conformance):
-    """Checks a Connector: (B, N, in_width) -> (B, num_tokens(N, grid), out_width) for each of `grids`."""
+    """Checks a Connector: tokens (B, N, in_width) -> (B, N', out_width), N' and layout as `output_layout` says."""
 
     kind = "connector"
     base = Connector
@@ -502,17 +560,23 @@ class ConnectorConformance(_Conformance):
 
     def make_inputs(self, component, batch, seed, grid=None):
         h, w = grid or self.grids[0]
-        return _rows(lambda g: torch.randn(1, h * w, self.in_width, generator=g), batch, seed)
+        tokens = _rows(lambda g: torch.randn(1, h * w, self.in_width, generator=g), batch, seed)
+        return StageContext(tokens=tokens, layout=TokenLayout.grid_of(h, w))
 
     def expected_shape(self, component, inputs):
-        n = inputs.shape[1]
-        grid = next(grid for grid in self.grids if grid[0] * grid[1] == n)  # make_inputs took it from `grids`
-        return (inputs.shape[0], component.num_tokens(n, grid), self.out_width)
+        layout = component.output_layout(inputs.layout)
+        return (inputs.tokens.shape[0], layout.num_tokens, self.out_width)
 
     def check_output(self, component, inputs, out):
-        assert isinstance(out, torch.Tensor) and out.ndim == 3, f"{component.name}: forward must return (B, N', width)"
+        assert isinstance(out, StageContext), f"{component.name}: forward must return a StageContext"
+        assert out.tokens.ndim == 3, f"{component.name}: tokens must be (B, N', width)"
         assert (component.in_width, component.out_width) == (self.in_width, self.out_width), (
             f"{component.name}: in_width/out_width must be the ones it was built with"
+        )
+        _check_layout(component, out)
+        assert out.layout == component.output_layout(inputs.layout), (
+            f"{component.name}: forward gives layout {out.layout}, output_layout() declares "
+            f"{component.output_layout(inputs.layout)}"
         )
 
     def test_token_count_per_grid(self, grid):
@@ -525,7 +589,7 @@ class ConnectorConformance(_Conformance):
 
 
 class DecoderConformance(_Conformance):
-    """Checks a Decoder: embed (B, T) ids -> (B, T, hidden); prefill (B, T, hidden) -> (B, vocab) logits."""
+    """Checks a Decoder: embed (B, T) ids -> (B, T, hidden); prefill (B, T, hidden) -> (B, vocab) logits; loss."""
 
     kind = "decoder"
     base = Decoder
@@ -539,6 +603,7 @@ class DecoderConformance(_Conformance):
         return (inputs.shape[0], component.vocab_size)
 
     def check_output(self, component, inputs, out):
+        assert isinstance(out, DecoderOutput), f"{component.name}: forward must return a DecoderOutput"
         for attribute in ("hidden_size", "vocab_size"):
             value = getattr(component, attribute)
             assert isinstance(value, int) and value > 0, f"{component.name}: set self.{attribute} in __init__"
@@ -546,8 +611,12 @@ class DecoderConformance(_Conformance):
     def test_embed(self):
         self.require_real_forward()
         component = self.instance()
-        ids = torch.randint(0, component.vocab_size, (self.batch_size, self.sequence_length),
-                            generator=torch.Generator().manual_seed(self.seed))
+        ids = torch.randint(
+            0,
+            component.vocab_size,
+            (self.batch_size, self.sequence_length),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
         with torch.no_grad():
             embeds = component.embed(ids)
         assert tuple(embeds.shape) == (self.batch_size, self.sequence_length, component.hidden_size)
@@ -561,9 +630,40 @@ class DecoderConformance(_Conformance):
         changed = embeds.clone()
         changed[:, 0] = torch.randn(changed.shape[-1], generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
-            assert not torch.allclose(component(embeds), component(changed)), (
+            assert not torch.allclose(component(embeds).logits, component(changed).logits), (
                 f"{component.name}: the logits ignore the first position (is attention causal over the whole prefix?)"
             )
+
+    def test_all_logits_end_with_the_first_token_logits(self):
+        """all_logits=True gives (B, T, vocab), whose last position equals the prefill's first-token logits."""
+        self.require_real_forward()
+        component = self.instance()
+        embeds = self.make_inputs(component, self.batch_size, self.seed)
+        with torch.no_grad():
+            every = component(embeds, all_logits=True).logits
+            first = component(embeds).logits
+        assert tuple(every.shape) == (self.batch_size, self.sequence_length, component.vocab_size)
+        torch.testing.assert_close(every[:, -1], first, atol=1e-4, rtol=1e-4)
+
+    def test_loss_is_next_token_cross_entropy(self):
+        """With labels, the loss is the mean next-token cross-entropy over labels that are not IGNORE_INDEX."""
+        self.require_real_forward()
+        component = self.instance()
+        embeds = self.make_inputs(component, self.batch_size, self.seed)
+        labels = torch.randint(
+            0, component.vocab_size, (self.batch_size, self.sequence_length), generator=torch.Generator().manual_seed(3)
+        )
+        labels[:, :3] = IGNORE_INDEX  # e.g. visual tokens and the question: not learned
+        out = component(embeds, labels=labels)
+        assert out.loss is not None and out.loss.ndim == 0, f"{component.name}: labels must give a scalar loss"
+        expected = F.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+        torch.testing.assert_close(out.loss.float(), expected, atol=1e-4, rtol=1e-4)
+        out.loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in component.parameters()), (
+            f"{component.name}: the loss does not reach the parameters"
+        )
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -577,7 +677,7 @@ SUITES: dict[str, type[_Conformance]] = {
 def suite_for(component: type, kind: str | None = None, class_name: str | None = None, **attributes) -> type:
     """A ready conformance test class for `component` (kind from its base class), e.g. for parametrized suites.
 
-        TestMine = suite_for(MyEncoder, image_sizes=[64], bad_image_sizes=[60])
+    TestMine = suite_for(MyEncoder, image_sizes=[64], bad_image_sizes=[60])
     """
     if kind is None:
         kind = next((k for k, s in SUITES.items() if issubclass(component, s.base)), None)

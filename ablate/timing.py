@@ -1,4 +1,4 @@
-"""Stage timers: synchronized wall-clock samples, warm-up discarded, medians with spread."""
+"""Stage timing: synchronized wall-clock samples, warm-up discarded, medians with spread."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from typing import Any
 
 import torch
 
+from ablate.components import StageContext
+from ablate.options import STAGES, Progress, RunOptions
+
+LATENCY_KEYS = ("preprocess",) + STAGES + ("stage_sum", "ttft")
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so a timer measures the work, not the launch."""
@@ -20,25 +25,27 @@ def synchronize(device: torch.device) -> None:
 
 
 class StageTimer:
-    """Collects per-repeat milliseconds for named stages; samples taken during warm-up are not kept."""
+    """Collects per-repeat milliseconds for named stages; samples taken during warm-up are not kept.
+
+    `current` names the stage being run, so that a failure can be blamed on the right component.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.samples: dict[str, list[float]] = defaultdict(list)
         self.recording = False
+        self.current: str | None = None
 
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        self.current = name
         synchronize(self.device)
         start = time.perf_counter()
         result = fn(*args)
         synchronize(self.device)
         if self.recording:
             self.samples[name].append((time.perf_counter() - start) * 1000.0)
+        self.current = None
         return result
-
-    def add(self, name: str, value_ms: float) -> None:
-        if self.recording:
-            self.samples[name].append(value_ms)
 
 
 def spread(values: list[float]) -> float:
@@ -47,3 +54,40 @@ def spread(values: list[float]) -> float:
         return 0.0
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q3 - q1
+
+
+def time_stages(
+    vlm,
+    prepare: Callable[[], torch.Tensor],
+    ctx: StageContext,
+    options: RunOptions,
+    timer: StageTimer,
+    progress: Progress,
+) -> tuple[dict[str, float], dict[str, float], StageContext]:
+    """Medians and spreads (ms) of preprocessing, each stage, their sum and one-call TTFT; and the last vision output.
+
+    Every repeat times the whole TTFT as one call and the stages one by one, so both see the same machine state;
+    which goes first alternates, so slow drift (clocks, caches) hits both alike.
+    """
+    total = options.warmup + options.repeats
+    vision_out = ctx
+    with torch.inference_mode():
+        for step in range(total):
+            progress("warming up" if step < options.warmup else "timing", step, total)
+            timer.recording = step >= options.warmup
+            timer("preprocess", prepare)
+            if step % 2:
+                timer("ttft", lambda: vlm.prefill_stage(vlm.run_vision(ctx)))
+            out: Any = ctx
+            for name, stage in vlm.stages():
+                if name == "prefill":
+                    vision_out = out
+                out = timer(name, stage, out)
+            if not step % 2:
+                timer("ttft", lambda: vlm.prefill_stage(vlm.run_vision(ctx)))
+        progress("done", total, total)
+    samples = timer.samples
+    samples["stage_sum"] = [sum(parts) for parts in zip(*(samples[name] for name in STAGES))]
+    medians = {key: statistics.median(samples[key]) for key in LATENCY_KEYS}
+    spreads = {key: spread(samples[key]) for key in LATENCY_KEYS}
+    return medians, spreads, vision_out

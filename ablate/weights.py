@@ -69,8 +69,13 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
     )
     if missing or unexpected or misshaped:
         problems = "; ".join(
-            p for p in (_listing("missing", missing), _listing("unexpected", unexpected),
-                        _listing("mis-shaped", misshaped)) if p
+            p
+            for p in (
+                _listing("missing", missing),
+                _listing("unexpected", unexpected),
+                _listing("mis-shaped", misshaped),
+            )
+            if p
         )
         raise CheckpointError(
             f"The weights for {what} do not match its architecture: {problems}. Check that the checkpoint was "

@@ -13,9 +13,10 @@ from statistics import median
 
 import timm
 import torch
-
-from ablate.registry import get_registry
 from alternate import alternate
+
+from ablate.components import StageContext
+from ablate.registry import get_registry
 
 TIMM_NAMES = {"fastvithd": "fastvit_mci3", "fastvit-mci2": "fastvit_mci2", "fastvit-mci4": "fastvit_mci4"}
 
@@ -41,11 +42,15 @@ def main() -> None:
             reference.load_state_dict(ours.model.state_dict())
             reference.eval()
             pixels = torch.rand(1, 3, size, size)
+            ctx = StageContext(pixel_values=pixels)
             with torch.inference_mode():
                 expected = reference.forward_features(pixels).flatten(2).transpose(1, 2)
-                assert torch.allclose(ours(pixels).tokens, expected, atol=1e-4), f"{name} at {size} px differs"
+                assert torch.allclose(ours(ctx).tokens, expected, atol=1e-4), f"{name} at {size} px differs"
                 samples = alternate(
-                    {"timm": lambda: reference.forward_features(pixels), "ablate": lambda: ours(pixels)},
+                    {
+                        "timm": lambda reference=reference, pixels=pixels: reference.forward_features(pixels),
+                        "ablate": lambda ours=ours, ctx=ctx: ours(ctx),
+                    },
                     repeats=args.repeats,
                 )
             direct, toolkit = median(samples["timm"]), median(samples["ablate"])

@@ -13,11 +13,11 @@ from statistics import median
 
 import timm
 import torch
+from alternate import alternate
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import ablate
-from alternate import alternate
 
 
 def hand_written(vlm):
@@ -65,13 +65,17 @@ def main() -> None:
         )
     hand, toolkit = median(samples["hand"]), median(samples["toolkit"])
     fastest_hand, fastest_toolkit = min(samples["hand"]), min(samples["toolkit"])
-    print(f"FastVLM-0.5B TTFT at {args.image_size} px, {vlm.num_visual_tokens()} visual + {args.prompt_tokens} "
-          f"prompt tokens, {torch.get_num_threads()} threads, {args.repeats} alternating repeats")
+    print(
+        f"FastVLM-0.5B TTFT at {args.image_size} px, {vlm.num_visual_tokens()} visual + {args.prompt_tokens} "
+        f"prompt tokens, {torch.get_num_threads()} threads, {args.repeats} alternating repeats"
+    )
     print(f"  max abs logit difference: {difference:.2e}")
     print(f"  hand-written (timm + transformers): {hand:9.1f} ms median")
     print(f"  through ablate:                     {toolkit:9.1f} ms median")
-    print(f"  ratio toolkit / hand: {toolkit / hand:.3f} of medians, {fastest_toolkit / fastest_hand:.3f} of minima"
-          f"  (target <= 1.03)")
+    print(
+        f"  ratio toolkit / hand: {toolkit / hand:.3f} of medians, {fastest_toolkit / fastest_hand:.3f} of minima"
+        f"  (target <= 1.03)"
+    )
 
 
 if __name__ == "__main__":

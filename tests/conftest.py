@@ -20,6 +20,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -
     )
 
 
+def install_plugin(folder: Path, module: str, source: str, entry_point: str) -> dict[str, str]:
+    """A plugin module plus a dist-info that makes it an installed `ablate` entry point; returns the env to use it."""
+    (folder / f"{module}.py").write_text(source)
+    dist_info = folder / f"{module}-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(f"[ablate]\n{entry_point} = {module}\n")
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p),
+        "ABLATE_LOG_DIR": str(folder / "logs"),
+    }
+
+
 def run_json(*args: str, **kwargs) -> dict:
     result = run_cli("run", *args, "--json", **kwargs)
     assert result.returncode == 0, result.stderr

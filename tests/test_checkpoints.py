@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_fastvit_family import official_key_list, official_names
 from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration
 
 import ablate
-from ablate.checkpoints import ablate_config
+from ablate.checkpoints import checkpoint_config
 from ablate.errors import CheckpointError
 from ablate.weights import read_tensors
-from test_fastvit_family import official_names
+
+
+def ablate_config(directory):
+    return checkpoint_config(Path(directory))
+
 
 IMAGE_TOKEN = 1000
-TINY_TEXT = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, rope_theta=50_000.0)
+TINY_TEXT = dict(
+    model_type="qwen2",
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=1024,
+    rope_theta=50_000.0,
+)
 # A FastViTHD-shaped tower shrunk through timm's create_model arguments, as TimmWrapperConfig passes them.
-TINY_VISION = dict(model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=128, do_pooling=False,
-                   model_args={"inference_mode": True, "layers": [1, 1, 1, 1, 1], "embed_dims": [16, 16, 32, 32, 64]})
+TINY_VISION = dict(
+    model_type="timm_wrapper",
+    architecture="fastvit_mci3",
+    hidden_size=128,
+    do_pooling=False,
+    model_args={"inference_mode": True, "layers": [1, 1, 1, 1, 1], "embed_dims": [16, 16, 32, 32, 64]},
+)
 
 
 def save_hf_fastvlm(directory, image_size=128, **config):
@@ -30,8 +49,9 @@ def save_hf_fastvlm(directory, image_size=128, **config):
     model = FastVlmForConditionalGeneration(config).eval()
     model.save_pretrained(directory, max_shard_size="300KB")
     size = {"height": image_size, "width": image_size}
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size, image_mean=[0.0] * 3,
-                       image_std=[1.0] * 3).save_pretrained(directory)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size=size, image_mean=[0.0] * 3, image_std=[1.0] * 3
+    ).save_pretrained(directory)
     return model
 
 
@@ -65,8 +85,9 @@ def test_transformers_checkpoint_gives_the_same_first_token_logits(hf_checkpoint
 
 def test_tied_lm_head(hf_checkpoint, tmp_path):
     # FastVlmConfig ties when its top level says so, even if the text config does not; the head is then not saved.
-    hf_model = save_hf_fastvlm(tmp_path, text_config=dict(TINY_TEXT, tie_word_embeddings=False),
-                               tie_word_embeddings=True)
+    hf_model = save_hf_fastvlm(
+        tmp_path, text_config=dict(TINY_TEXT, tie_word_embeddings=False), tie_word_embeddings=True
+    )
     assert "lm_head.weight" not in read_tensors(tmp_path)
     vlm = ablate.from_checkpoint(tmp_path)
     assert vlm.decoder.lm.lm_head.weight is vlm.decoder.lm.model.embed_tokens.weight
@@ -132,10 +153,20 @@ def test_ml_fastvlm_llava_layout(tmp_path):
     tensors.update({f"model.{k}": v for k, v in source.decoder.lm.model.state_dict().items()})
     tensors["lm_head.weight"] = source.decoder.lm.lm_head.weight
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
-    config = dict(TINY_TEXT, model_type="llava_qwen2", mm_vision_tower=f"mobileclip_l_{size}", mm_hidden_size=128,
-                  mm_projector_type="mlp2x_gelu", tie_word_embeddings=False, rms_norm_eps=1e-6,
-                  rope_theta=1_000_000.0, mm_vision_select_layer=-2, image_aspect_ratio="pad",
-                  tokenizer_model_max_length=8192, unfreeze_mm_vision_tower=True)
+    config = dict(
+        TINY_TEXT,
+        model_type="llava_qwen2",
+        mm_vision_tower=f"mobileclip_l_{size}",
+        mm_hidden_size=128,
+        mm_projector_type="mlp2x_gelu",
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        mm_vision_select_layer=-2,
+        image_aspect_ratio="pad",
+        tokenizer_model_max_length=8192,
+        unfreeze_mm_vision_tower=True,
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
 
     described = ablate_config(tmp_path)
@@ -153,29 +184,51 @@ def meta_tensors(module, rename):
 
 
 def test_full_size_fastvlm_configs_and_key_maps(tmp_path):
-    """Released sizes, on the meta device: FastViTHD at 1024 px, Qwen2-0.5B, every key mapped and shaped right."""
-    from ablate.checkpoints import LLAVA, TRANSFORMERS, _to_vlm_keys
-    from ablate.weights import load_state_dict_strict
+    """Released sizes, on the meta device: FastViTHD at 1024 px, Qwen2-0.5B, every key mapped and shaped right.
 
-    qwen2_05b = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                     intermediate_size=4864, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=32768)
+    The vision keys are Apple's own (tests/data/fastvithd_official_keys.txt, listed from ml-fastvlm's mci.py)."""
+    from ablate.weights import load_state_dict_strict
+    from ablate_plugins.checkpoints.fastvlm import MlFastVLMLlava, TransformersFastVLM
+
+    qwen2_05b = dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=32768,
+    )
     llava = tmp_path / "llava"
     llava.mkdir()
-    (llava / "config.json").write_text(json.dumps(dict(
-        qwen2_05b, model_type="llava_qwen2", architectures=["LlavaQwen2ForCausalLM"], vocab_size=151936,
-        mm_vision_tower="mobileclip_l_1024", mm_hidden_size=3072, mm_projector_type="mlp2x_gelu",
-        tie_word_embeddings=False)))
+    (llava / "config.json").write_text(
+        json.dumps(
+            dict(
+                qwen2_05b,
+                model_type="llava_qwen2",
+                architectures=["LlavaQwen2ForCausalLM"],
+                vocab_size=151936,
+                mm_vision_tower="mobileclip_l_1024",
+                mm_hidden_size=3072,
+                mm_projector_type="mlp2x_gelu",
+                tie_word_embeddings=False,
+            )
+        )
+    )
     config = ablate_config(llava)
     assert config["encoder"] == {"name": "fastvithd", "image_size": 1024}
     assert config["decoder"]["arch"] == "qwen2-0.5b" and config["image_token_id"] is None
     vlm = ablate.build(config, meta=True)
     assert vlm.num_visual_tokens() == 256 and vlm.params()["connector"] == 3_557_120
-    checkpoint = {f"model.vision_tower.vision_tower.model.{k}": v
-                  for k, v in official_names(vlm.encoder.model.state_dict(), head_width=3072).items()}
+    checkpoint = {
+        f"model.vision_tower.vision_tower.model.{key}": torch.empty(shape, device="meta")
+        for key, shape in official_key_list()
+    }
     assert len(checkpoint) == 629  # spec 3.4, head.proj included
     checkpoint.update(meta_tensors(vlm.connector.layers, lambda k: f"model.mm_projector.{k}"))
     checkpoint.update(meta_tensors(vlm.decoder.lm, lambda k: k))
-    load_state_dict_strict(vlm, _to_vlm_keys(checkpoint, LLAVA), "full-size LLaVA layout")
+    load_state_dict_strict(vlm, MlFastVLMLlava().to_vlm_keys(checkpoint, vlm)[0], "full-size LLaVA layout")
 
     hf_dir = tmp_path / "hf"
     FastVlmConfig(text_config=dict(qwen2_05b, vocab_size=152000), image_token_id=151646).save_pretrained(hf_dir)
@@ -184,7 +237,9 @@ def test_full_size_fastvlm_configs_and_key_maps(tmp_path):
     vlm = ablate.build(ablate_config(hf_dir), meta=True)
     assert vlm.config.encoder.name == "fastvithd" and vlm.config.encoder.inference_mode
     assert vlm.image_token_id == 151646 and vlm.decoder.vocab_size == 152000
-    load_state_dict_strict(vlm, _to_vlm_keys(hf_model.state_dict(), TRANSFORMERS), "full-size transformers layout")
+    load_state_dict_strict(
+        vlm, TransformersFastVLM().to_vlm_keys(hf_model.state_dict(), vlm)[0], "full-size transformers layout"
+    )
 
 
 def write_hf_config(directory, **model_args):
@@ -194,8 +249,14 @@ def write_hf_config(directory, **model_args):
 
 def test_transformers_config_details(tmp_path):
     write_hf_config(tmp_path, inference_mode=True, drop_path_rate=0.1)  # a training-only argument is dropped
-    processor = {"image_processor": {"crop_size": {"height": 192, "width": 192}, "image_mean": [0.5] * 3,
-                                     "image_std": [0.25] * 3}, "processor_class": "LlavaProcessor"}
+    processor = {
+        "image_processor": {
+            "crop_size": {"height": 192, "width": 192},
+            "image_mean": [0.5] * 3,
+            "image_std": [0.25] * 3,
+        },
+        "processor_class": "LlavaProcessor",
+    }
     (tmp_path / "processor_config.json").write_text(json.dumps(processor))  # transformers v5 nests it here
     encoder = ablate_config(tmp_path)["encoder"]
     assert (encoder["image_size"], encoder["mean"], encoder["std"]) == (192, [0.5] * 3, [0.25] * 3)
@@ -229,3 +290,93 @@ def test_cli_runs_a_checkpoint_directory(hf_checkpoint):
     record = run_json(str(directory), "--repeats", "1", "--warmup", "0")
     assert record["error"] is None and record["visual_tokens"] == 4
     assert record["config"]["weights"] == str(directory)
+
+
+TOY_FORMAT = """
+import ablate
+from ablate.components import CheckpointFormat
+
+RENAMES = {"vision.": "encoder.", "proj.": "connector.", "llm.": "decoder."}
+
+
+class ToyVLM(CheckpointFormat):
+    \"\"\"Toy VLM checkpoints (model_type toy_vlm): vision.*, proj.*, llm.* keys.\"\"\"
+
+    name = "toy-vlm"
+
+    def detect(self, directory, hf_config):
+        return hf_config.get("model_type") == "toy_vlm"
+
+    def config(self, directory, hf_config):
+        return {
+            "encoder": {"name": "fastvit-tiny", "image_size": hf_config["image_size"]},
+            "reducer": "none",
+            "connector": "mlp2x_gelu",
+            "decoder": {"name": "hf-causal-lm", "arch": "qwen2-tiny"},
+        }
+
+    def to_vlm_keys(self, tensors, vlm):
+        mapped = {}
+        for key, value in tensors.items():
+            prefix = next((p for p in RENAMES if key.startswith(p)), "")
+            mapped[RENAMES.get(prefix, "") + key[len(prefix):]] = value
+        return mapped, ""
+
+
+@ablate.hookimpl
+def register_checkpoint_formats(register):
+    register(ToyVLM)
+"""
+
+PREFILL = """
+import json, sys, torch, ablate
+vlm = ablate.from_checkpoint(sys.argv[1])
+pixels = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = vlm.prefill(pixels, vlm.make_prompt(4))
+print(json.dumps({"logits": logits[0, :8].tolist(), "weights": vlm.loaded_weights}))
+"""
+
+
+def test_a_third_party_package_adds_a_checkpoint_format(tmp_path):
+    """A format plugin installed on the path (no change to ablate) makes its directories loadable, strictly."""
+    from conftest import install_plugin, run_cli
+
+    env = install_plugin(tmp_path, "toy_format", TOY_FORMAT, "toy-format")
+    torch.manual_seed(5)
+    source = ablate.build("tiny")
+    renames = {"encoder.": "vision.", "connector.": "proj.", "decoder.": "llm."}
+    tensors = {}
+    for key, value in source.state_dict().items():
+        prefix = next(p for p in renames if key.startswith(p))
+        tensors[renames[prefix] + key[len(prefix) :]] = value.clone()  # tied tensors saved once each
+    checkpoint = tmp_path / "toy-checkpoint"
+    checkpoint.mkdir()
+    save_file(tensors, str(checkpoint / "model.safetensors"))
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "toy_vlm", "image_size": 128}))
+    pixels = torch.rand(1, 3, 128, 128)
+    torch.save(pixels, tmp_path / "pixels.pt")
+
+    listing = run_cli("list", "formats", env=env)
+    assert "toy-vlm" in listing.stdout and "fast-vlm-hf" in listing.stdout
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", PREFILL, str(checkpoint), str(tmp_path / "pixels.pt")],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **env},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout)
+    assert loaded["weights"] == [f"vlm: {checkpoint} (toy-vlm)"]
+    with torch.no_grad():
+        expected = source.prefill(pixels, source.make_prompt(4))[0, :8]
+    assert torch.allclose(torch.tensor(loaded["logits"]), expected, atol=1e-5)
+    tensors["llm.lm.model.norm.weight_renamed"] = tensors.pop("llm.lm.model.norm.weight")
+    save_file(tensors, str(checkpoint / "model.safetensors"))
+    broken = run_cli("run", str(checkpoint), "--repeats", "1", "--warmup", "0", env=env)
+    assert broken.returncode == 2
+    assert "1 missing: decoder.lm.model.norm.weight" in broken.stderr and "toy-vlm checkpoint" in broken.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli, run_json
 
 LATENCY_KEYS = {"preprocess", "encoder", "reducer", "connector", "prefill", "stage_sum", "ttft"}
@@ -20,8 +19,14 @@ def test_run_json_record_has_every_field():
     assert set(record["latency_ms"]) == LATENCY_KEYS == set(record["latency_spread_ms"])
     assert all(record["latency_ms"][k] > 0 for k in LATENCY_KEYS)
     assert record["latency_ms"]["stage_sum"] >= record["latency_ms"]["encoder"]
-    assert record["env"]["mode"] == "eager" and record["env"]["dtype"] == "float32"
-    assert {"device", "threads", "torch", "timm", "transformers"} <= set(record["env"])
+    assert record["run"]["mode"] == "eager" and record["run"]["dtype"] == "float32"
+    assert record["run"]["device"] == "cpu" and record["run"]["threads"] >= 1
+    assert {"ablate", "plugins", "libraries", "python", "device_name"} <= set(record["env"])
+    assert {"torch", "timm", "transformers", "omegaconf"} <= set(record["env"]["libraries"])
+    assert record["env"]["plugins"]["fastvit"] == record["env"]["ablate"]  # built-ins share ablate's version
+    assert record["tokens"] == {"encoder": 4, "reducer": 4, "connector": 4, "llm_input": 20}
+    assert record["image"] == {"source": "synthetic", "width": 128, "height": 128}
+    assert record["run"]["seed"] == 0
     assert record["config"]["encoder"]["name"] == "fastvit-tiny"
     assert record["peak_memory_mb"] > 0
 
@@ -54,9 +59,9 @@ def test_count_only_7b_on_a_small_machine():
 
 
 def test_7b_in_float32_is_refused_when_it_cannot_fit():
-    from ablate.measure import available_memory
-
     import torch
+
+    from ablate.counting import available_memory
 
     if (available_memory(torch.device("cpu")) or 0) > 40 * 2**30:
         pytest.skip("this machine has room for a 7B model in float32")
@@ -87,7 +92,7 @@ def test_json_error_is_still_one_object():
 
     result = run_cli("run", "tiny", "encoder=nope", "--json")
     assert result.returncode == 2
-    assert "nope" in json.loads(result.stdout)["error"]
+    assert "nope" in json.loads(result.stdout)["error"]["message"]
 
 
 def test_show_list_plugins():
@@ -100,7 +105,12 @@ def test_show_list_plugins():
 
 
 def test_swap_to_clip_vit_in_one_override():
-    record = run_json("fastvlm-0.5b", "encoder=timm", "encoder.model_name=vit_large_patch14_clip_336",
-                      "encoder.image_size=336", "--count-only")
+    record = run_json(
+        "fastvlm-0.5b",
+        "encoder=timm",
+        "encoder.model_name=vit_large_patch14_clip_336",
+        "encoder.image_size=336",
+        "--count-only",
+    )
     assert record["visual_tokens"] == 576
     assert record["params"]["connector"] == 1024 * 896 + 896 + 896 * 896 + 896

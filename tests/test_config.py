@@ -23,7 +23,9 @@ def test_preset_loads_with_component_defaults():
 
 
 def test_precedence_preset_then_user_file_then_overrides(tmp_path):
-    user = write(tmp_path / "mine.yaml", "base: fastvlm-0.5b\nname: mine\nencoder:\n  image_size: 512\nprompt_tokens: 8\n")
+    user = write(
+        tmp_path / "mine.yaml", "base: fastvlm-0.5b\nname: mine\nencoder:\n  image_size: 512\nprompt_tokens: 8\n"
+    )
     config = load_config(user, ["prompt_tokens=4"])
     assert config.name == "mine"
     assert config.encoder.image_size == 512  # user file beats preset
@@ -42,15 +44,16 @@ def test_swap_resets_options_to_the_new_components_defaults():
     config = load_config("fastvlm-0.5b", ["encoder=timm", "encoder.model_name=vit_large_patch14_clip_336"])
     assert config.encoder.name == "timm"
     assert config.encoder.model_name == "vit_large_patch14_clip_336"
-    # image_size 1024 came from the fastvithd node and must not leak into the timm encoder's options
-    assert config.encoder.image_size == type(config.encoder)().image_size
+    # image_size 1024 came from the fastvithd node and must not leak into the timm encoder's options: the timm
+    # encoder's default (its model's native size) is resolved instead
+    assert config.encoder.image_size == 336
 
 
 def test_swap_in_a_file_resets_options_too(tmp_path):
     user = write(tmp_path / "clip.yaml", "base: fastvlm-0.5b\nencoder:\n  name: timm\n  model_name: convnext_atto\n")
     config = load_config(user)
     assert config.encoder.model_name == "convnext_atto"
-    assert config.encoder.image_size == type(config.encoder)().image_size
+    assert config.encoder.image_size == 224  # convnext_atto's native size, not the fastvithd node's 1024
 
 
 def test_overrides_parse_yaml_values():

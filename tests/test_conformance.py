@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ablate.registry import get_registry
+from ablate.registry import KINDS, get_registry
 from ablate.testing import suite_for
 
 
@@ -36,7 +36,8 @@ CASES: dict[tuple[str, str], dict[str, dict]] = {
         # A conv net's intermediate stage (forward_intermediates, NCHW map -> tokens), at two sizes.
         "convnext_block": dict(
             config_overrides={"model_name": "convnext_atto", "image_size": 64, "feature_block": 2},
-            image_sizes=[64, 96], bad_image_sizes=[50],
+            image_sizes=[64, 96],
+            bad_image_sizes=[50],
         ),
     },
     ("encoder", "fastvit-tiny"): {"tiny": dict(image_sizes=[128, 256], bad_image_sizes=[100])},
@@ -55,8 +56,8 @@ def _slug(text: str) -> str:
 def _enrol() -> list[tuple[str, str]]:
     """Create one test class per registered component and case in this module; return what was enrolled."""
     enrolled = []
-    for kind, components in get_registry().components.items():
-        for name, component in sorted(components.items()):
+    for kind in KINDS:
+        for name, component in sorted(get_registry().components[kind].items()):
             for case, attributes in CASES.get((kind, name), DEFAULT_CASE).items():
                 class_name = f"Test{kind.title()}_{_slug(name)}_{case}"
                 globals()[class_name] = suite_for(component, kind=kind, class_name=class_name, **attributes)

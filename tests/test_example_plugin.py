@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY, run_cli
 
 import ablate
-from conftest import REPO, TINY, run_cli
 
 EXAMPLE = REPO / "examples" / "ablate-example-encoder"
 
@@ -63,7 +63,10 @@ def test_example_passes_its_own_conformance_suite():
     """What the plugin's author runs in their own repository, with ablate.testing."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-        cwd=EXAMPLE, capture_output=True, text=True, timeout=300,
+        cwd=EXAMPLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)

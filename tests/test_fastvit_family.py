@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
+from ablate.components import StageContext
 from ablate.errors import CheckpointError, ConfigError, ImageSizeError
 from ablate.weights import read_tensors
 from ablate_plugins.encoders.fastvit import (
@@ -22,6 +24,17 @@ from ablate_plugins.encoders.fastvit import (
 )
 
 RESOLUTIONS = [256, 512, 768, 1024, 1536]
+
+
+def encode(encoder, pixels):
+    return encoder(StageContext(pixel_values=pixels))
+
+
+def with_weights(cls, path, **options):
+    """Built, then given its weights, as `ablate.build` does with `encoder.weights`."""
+    encoder = cls(cls.Config(**options))
+    encoder.load_weights(path)
+    return encoder
 
 
 def count(module):
@@ -48,8 +61,8 @@ def test_fastvithd_has_the_papers_parameter_count_without_the_clip_head():
 
 
 @pytest.mark.parametrize(
-    "cls,timm_name,width", [(FastViTHD, "fastvit_mci3", 3072), (FastViTMCi2, "fastvit_mci2", 1280),
-                            (FastViTMCi4, "fastvit_mci4", 4096)]
+    "cls,timm_name,width",
+    [(FastViTHD, "fastvit_mci3", 3072), (FastViTMCi2, "fastvit_mci2", 1280), (FastViTMCi4, "fastvit_mci4", 4096)],
 )
 def test_presets_are_timms_models(cls, timm_name, width):
     encoder, reference = on_meta(cls), timm_meta(timm_name)
@@ -75,9 +88,9 @@ def test_fastvithd_output_equals_timm_fastvit_mci3(fastvithd_and_timm, size):
     encoder, reference = fastvithd_and_timm
     x = torch.rand(1, 3, size, size)
     with torch.no_grad():
-        ours = encoder(x)
+        ours = encode(encoder, x)
         expected = reference.forward_features(x).flatten(2).transpose(1, 2)
-    assert ours.grid == (size // 64, size // 64)
+    assert ours.layout.grid == (size // 64, size // 64)
     assert ours.tokens.shape == expected.shape == (1, (size // 64) ** 2, 3072)
     assert (ours.tokens - expected).abs().max().item() <= 1e-5
 
@@ -87,9 +100,9 @@ def test_token_counts(cls, stride):
     encoder = on_meta(cls)
     for size in RESOLUTIONS:
         assert encoder.num_tokens(size) == (size // stride) ** 2
-        out = encoder(torch.empty(1, 3, size, size, device="meta"))  # real shapes, no memory
+        out = encode(encoder, torch.empty(1, 3, size, size, device="meta"))  # real shapes, no memory
         assert out.tokens.shape == (1, (size // stride) ** 2, encoder.width)
-        assert out.grid == (size // stride, size // stride)
+        assert out.layout.grid == (size // stride, size // stride)
     assert on_meta(cls, image_size=1024).num_tokens() == (1024 // stride) ** 2
 
 
@@ -108,7 +121,11 @@ def test_sizes_that_do_not_tile_are_refused_with_a_suggestion():
 def test_preprocessing_is_fastvlms():
     pre = FastViTTiny(FastViTTiny.Config()).preprocessing
     assert (pre.image_size, pre.mean, pre.std, pre.resize, pre.interpolation) == (
-        128, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "pad", "bicubic"
+        128,
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        "pad",
+        "bicubic",
     )
     assert on_meta(FastViTHD, mean=[0.5] * 3).preprocessing.mean == (0.5, 0.5, 0.5)
     assert on_meta(FastViTHD).preprocessing.image_size == 1024
@@ -122,8 +139,10 @@ def test_preprocessing_is_fastvlms():
         (dict(embed_dims=[16, 16, 32, 32, 48]), r"encoder.embed_dims\[4\]=48 .*multiple of 32"),
         (dict(token_mixers=["repmixer"] * 4 + ["mhsa"]), r"encoder.token_mixers\[4\]='mhsa'.*'attention'"),
         (dict(pos_embs=[None] * 4 + ["rcpe5"]), r"encoder.pos_embs\[4\]='rcpe5'"),
-        (dict(downsamples=[False, False, True, True, True], embed_dims=[16, 32, 32, 32, 64]),
-         r"encoder.downsamples\[1\] is false but stage 1 changes width"),
+        (
+            dict(downsamples=[False, False, True, True, True], embed_dims=[16, 32, 32, 32, 64]),
+            r"encoder.downsamples\[1\] is false but stage 1 changes width",
+        ),
         (dict(fusion_stages=[4]), r"encoder.fusion_stages holds 4.*0..3"),
         (dict(fusion_stages=[1, 1]), r"encoder.fusion_stages.*twice"),
         (dict(fusion="maxpool"), r"encoder.fusion='maxpool'"),
@@ -139,12 +158,12 @@ def test_a_stride_32_family_member():
     """Downsampling is a config key: drop the last downsample and the same layout has stride 32."""
     encoder = FastViT(FastViTConfig(downsamples=[False, True, True, True, False], embed_dims=[16, 16, 32, 64, 64]))
     assert encoder.stride == 32 and encoder.num_tokens(128) == 16
-    assert encoder(torch.rand(1, 3, 128, 128)).tokens.shape == (1, 16, 128)
+    assert encode(encoder, torch.rand(1, 3, 128, 128)).tokens.shape == (1, 16, 128)
 
 
 def test_final_conv_off_gives_last_stage_tokens():
     encoder = FastViTTiny(FastViTTiny.Config(final_conv=False))
-    assert encoder.width == 64 and encoder(torch.rand(1, 3, 128, 128)).tokens.shape == (1, 4, 64)
+    assert encoder.width == 64 and encode(encoder, torch.rand(1, 3, 128, 128)).tokens.shape == (1, 4, 64)
 
 
 # ------------------------------------------------------------------------------- train vs inference form
@@ -164,7 +183,7 @@ def test_train_form_reparameterizes_to_the_same_outputs():
     params_train = count(encoder)
     optimizer = torch.optim.SGD(encoder.parameters(), lr=0.05)
     for _ in range(3):  # real steps move every branch and layer scale away from its initialization
-        loss = encoder(torch.rand(2, 3, 128, 128)).tokens.pow(2).mean()
+        loss = encode(encoder, torch.rand(2, 3, 128, 128)).tokens.pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -173,9 +192,9 @@ def test_train_form_reparameterizes_to_the_same_outputs():
     encoder.eval()
     x = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
-        before = encoder(x).tokens
+        before = encode(encoder, x).tokens
         encoder.reparameterize()
-        after = encoder(x).tokens
+        after = encode(encoder, x).tokens
     assert encoder.form == "inference" and count(encoder) < params_train
     assert (before - after).abs().max().item() <= 1e-4
     # and the fused model has exactly the natively built inference form's structure
@@ -195,9 +214,9 @@ def test_multi_scale_fusion(fusion):
     expected_extra = sum(dims[s] * f * f + dims[s] for s, f in factors.items()) if fusion == "dwconv" else 0
     assert count(fused) == count(base) + expected_extra
     assert fused.width == base.width + dims[2] + dims[3] == 128 + 64
-    out = fused(torch.rand(1, 3, 256, 256))
+    out = encode(fused, torch.rand(1, 3, 256, 256))
     assert out.tokens.shape == (1, fused.num_tokens(256), fused.width) == (1, 16, 192)
-    assert out.grid == (4, 4)
+    assert out.layout.grid == (4, 4)
 
 
 def test_avgpool_fusion_appends_the_pooled_stage_after_the_final_features():
@@ -205,7 +224,7 @@ def test_avgpool_fusion_appends_the_pooled_stage_after_the_final_features():
     encoder = FastViTTiny(FastViTTiny.Config(fusion_stages=[3], fusion="avgpool")).eval()
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
-        tokens = encoder(x).tokens
+        tokens = encode(encoder, x).tokens
         stage3 = encoder.model.stages[:4](encoder.model.stem(x))
     expected = torch.nn.functional.avg_pool2d(stage3, 2).flatten(2).transpose(1, 2)
     assert torch.allclose(tokens[..., 128:], expected)
@@ -215,9 +234,16 @@ def test_avgpool_fusion_appends_the_pooled_stage_after_the_final_features():
 
 # timm -> official names inside a module (spec fastvlm.md 3.6), written here independently of the loader.
 TIMM_TO_OFFICIAL = [
-    ("stem.", "patch_embed."), ("final_conv.", "conv_exp."), ("mlp.", "convffn."), ("se.fc1.", "se.reduce."),
-    ("se.fc2.", "se.expand."), ("conv_kxk.", "rbr_conv."), ("conv_scale.", "rbr_scale."), ("identity.", "rbr_skip."),
-    ("large_conv.", "lkb_origin."), ("proj.0.reparam_conv.", "proj.0.lkb_reparam."),
+    ("stem.", "patch_embed."),
+    ("final_conv.", "conv_exp."),
+    ("mlp.", "convffn."),
+    ("se.fc1.", "se.reduce."),
+    ("se.fc2.", "se.expand."),
+    ("conv_kxk.", "rbr_conv."),
+    ("conv_scale.", "rbr_scale."),
+    ("identity.", "rbr_skip."),
+    ("large_conv.", "lkb_origin."),
+    ("proj.0.reparam_conv.", "proj.0.lkb_reparam."),
 ]
 STAGE_PART = re.compile(r"stages\.(\d+)\.(downsample|pos_emb|blocks)\.")
 PART_ORDER = {"downsample": 0, "pos_emb": 1, "blocks": 2}
@@ -233,7 +259,7 @@ def official_names(timm_state, head_width=None):
     for key, value in timm_state.items():
         prefix = STAGE_PART.match(key)
         if prefix:
-            key = network[prefix[0]] + key[prefix.end():]
+            key = network[prefix[0]] + key[prefix.end() :]
             key = re.sub(r"^(network\.\d+\.)pos_enc\.", r"\1pe.", key)  # RepCPE's train-form conv
         for timm_name, official_name in TIMM_TO_OFFICIAL:
             key = key.replace(timm_name, official_name)
@@ -251,8 +277,27 @@ def test_official_key_map_round_trips_on_every_layout(cls):
     assert set(convert_mci_state_dict(official)) == set(state)
 
 
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "fastvithd_official_keys.txt"
+
+
+def official_key_list() -> list[tuple[str, tuple[int, ...]]]:
+    """Apple's FastViTHD state-dict keys and shapes, as ml-fastvlm's own mci.py builds them (see the file's header)."""
+    rows = [line.split("\t") for line in OFFICIAL_KEYS.read_text().splitlines() if not line.startswith("#")]
+    return [(key, tuple(int(n) for n in shape.split(",") if n)) for key, shape in rows]
+
+
+def test_apples_own_fastvithd_keys_convert_onto_timm_fastvit_mci3():
+    """The fixed list of Apple's key names (not derived from our map) loads strictly into our FastViTHD."""
+    from ablate.weights import load_state_dict_strict
+
+    official = {key: torch.empty(shape, device="meta") for key, shape in official_key_list()}
+    assert len(official) == 629 and "head.proj" in official
+    encoder = on_meta(FastViTHD)
+    load_state_dict_strict(encoder.model, convert_mci_state_dict(official), "Apple's FastViTHD keys")
+
+
 def test_fastvithd_official_checkpoint_has_the_spec_key_count_and_the_12_fused_keys():
-    official = official_names(on_meta(FastViTHD).model.state_dict(), head_width=3072)
+    official = {key: torch.empty(shape, device="meta") for key, shape in official_key_list()}
     assert len(official) == 629  # as in the released FastVLM checkpoints' vision tower
     fused = [key for key in official if "lkb_reparam" in key or re.fullmatch(r"network\.(6|9)\.reparam_conv\.\w+", key)]
     assert len(fused) == 12
@@ -274,10 +319,10 @@ def test_encoder_weights_load_from_either_layout(tmp_path, trained_tiny, layout)
     state = trained_tiny.model.state_dict()
     path = tmp_path / "encoder.safetensors"
     save_file(official_names(state, head_width=128) if layout == "official" else state, str(path))
-    loaded = FastViTTiny(FastViTTiny.Config(weights=str(path))).eval()
+    loaded = with_weights(FastViTTiny, str(path)).eval()
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
-        assert torch.equal(loaded(x).tokens, trained_tiny(x).tokens)
+        assert torch.equal(encode(loaded, x).tokens, encode(trained_tiny, x).tokens)
 
 
 def test_train_form_official_weights_load_into_the_train_form(tmp_path):
@@ -286,25 +331,25 @@ def test_train_form_official_weights_load_into_the_train_form(tmp_path):
     official = official_names(source.model.state_dict())
     assert any(".rbr_conv." in key for key in official) and "network.6.pe.weight" in official
     save_file(official, str(tmp_path / "train.safetensors"))
-    loaded = FastViTTiny(FastViTTiny.Config(inference_mode=False, weights=str(tmp_path / "train.safetensors"))).eval()
+    loaded = with_weights(FastViTTiny, str(tmp_path / "train.safetensors"), inference_mode=False).eval()
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
-        assert torch.equal(loaded(x).tokens, source(x).tokens)
+        assert torch.equal(encode(loaded, x).tokens, encode(source, x).tokens)
     with pytest.raises(CheckpointError, match="train-form.*encoder.inference_mode=false"):
-        FastViTTiny(FastViTTiny.Config(weights=str(tmp_path / "train.safetensors")))
+        with_weights(FastViTTiny, str(tmp_path / "train.safetensors"))
 
 
 def test_own_state_dict_with_fusion_weights_loads(tmp_path, trained_tiny):
     source = FastViTTiny(FastViTTiny.Config(fusion_stages=[1]))
     save_file(source.state_dict(), str(tmp_path / "own.safetensors"))
-    loaded = FastViTTiny(FastViTTiny.Config(fusion_stages=[1], weights=str(tmp_path / "own.safetensors")))
+    loaded = with_weights(FastViTTiny, str(tmp_path / "own.safetensors"), fusion_stages=[1])
     assert torch.equal(loaded.fusion["1"].weight, source.fusion["1"].weight)
 
 
 def test_pickled_weights_load_with_weights_only(tmp_path, trained_tiny):
     path = tmp_path / "encoder.pt"
     torch.save(trained_tiny.model.state_dict(), path)
-    loaded = FastViTTiny(FastViTTiny.Config(weights=str(path)))
+    loaded = with_weights(FastViTTiny, str(path))
     assert torch.equal(loaded.model.final_conv.reparam_conv.weight, trained_tiny.model.final_conv.reparam_conv.weight)
 
 
@@ -312,9 +357,9 @@ def test_a_directory_of_safetensors_shards_is_merged(tmp_path, trained_tiny):
     state = trained_tiny.model.state_dict()
     keys = sorted(state)
     save_file({k: state[k] for k in keys[: len(keys) // 2]}, str(tmp_path / "shard-1.safetensors"))
-    save_file({k: state[k] for k in keys[len(keys) // 2:]}, str(tmp_path / "shard-2.safetensors"))
+    save_file({k: state[k] for k in keys[len(keys) // 2 :]}, str(tmp_path / "shard-2.safetensors"))
     assert set(read_tensors(tmp_path)) == set(keys)
-    FastViTTiny(FastViTTiny.Config(weights=str(tmp_path)))
+    with_weights(FastViTTiny, str(tmp_path))
 
 
 def test_renamed_and_reshaped_tensors_are_named(tmp_path, trained_tiny):
@@ -322,19 +367,24 @@ def test_renamed_and_reshaped_tensors_are_named(tmp_path, trained_tiny):
     state["stages.2.blocks.0.mlp.fc1.weightt"] = state.pop("stages.2.blocks.0.mlp.fc1.weight")
     save_file(state, str(tmp_path / "renamed.safetensors"))
     with pytest.raises(CheckpointError, match=r"1 missing: stages.2.blocks.0.mlp.fc1.weight;.*1 unexpected: .*weightt"):
-        FastViTTiny(FastViTTiny.Config(weights=str(tmp_path / "renamed.safetensors")))
+        with_weights(FastViTTiny, str(tmp_path / "renamed.safetensors"))
 
     state = dict(trained_tiny.model.state_dict())
     state["final_conv.se.fc1.bias"] = torch.zeros(3)
     save_file(state, str(tmp_path / "reshaped.safetensors"))
     with pytest.raises(CheckpointError, match=r"1 mis-shaped: final_conv.se.fc1.bias \(3,\) vs \(8,\)"):
-        FastViTTiny(FastViTTiny.Config(weights=str(tmp_path / "reshaped.safetensors")))
+        with_weights(FastViTTiny, str(tmp_path / "reshaped.safetensors"))
 
 
 def test_missing_weights_file_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        FastViTTiny(FastViTTiny.Config(weights=str(tmp_path / "nope.safetensors")))
+        with_weights(FastViTTiny, str(tmp_path / "nope.safetensors"))
 
 
 def test_meta_builds_skip_weight_files(tmp_path):
-    assert on_meta(FastViTTiny, weights=str(tmp_path / "never-read.safetensors")).width == 128
+    import ablate
+
+    weights = tmp_path / "never-read.safetensors"
+    weights.write_text("not a safetensors file")  # it exists (paths are checked), but a meta build never reads it
+    vlm = ablate.build("tiny", [f"encoder.weights={weights}"], meta=True)
+    assert vlm.encoder.width == 128 and vlm.loaded_weights == []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import run_json
 from PIL import Image
 
 from ablate.components import Preprocessing
 from ablate.preprocess import preprocess
-from conftest import run_json
 
 
 def test_pad_to_black_square_then_resize():
@@ -30,8 +30,9 @@ def test_mean_std_and_squash():
 def test_center_crop_keeps_the_middle():
     array = np.zeros((10, 30, 3), dtype=np.uint8)
     array[:, 10:20] = 255  # a white middle third
-    pixels = preprocess(Image.fromarray(array), Preprocessing(image_size=10, resize="center_crop",
-                                                              interpolation="nearest"))
+    pixels = preprocess(
+        Image.fromarray(array), Preprocessing(image_size=10, resize="center_crop", interpolation="nearest")
+    )
     assert torch.allclose(pixels, torch.ones(3, 10, 10))
 
 

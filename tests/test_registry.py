@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ablate
-from ablate.components import ConnectorConfig, Connector
+from ablate.components import Connector, ConnectorConfig
 from ablate.errors import PluginError, UnknownComponentError
 from ablate.registry import Registry, get_registry
 

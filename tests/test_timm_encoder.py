@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ablate.components import ATTENTION, CLS
+from ablate.components import ATTENTION, CLS, StageContext
 from ablate.errors import ImageSizeError
 from ablate_plugins.encoders.timm_encoder import TimmEncoder, TimmEncoderConfig
+
+
+def encode(encoder, pixels):
+    return encoder(StageContext(pixel_values=pixels))
 
 
 def encoder(**options):
@@ -27,17 +31,17 @@ def test_penultimate_block_without_cls_like_llava():
     enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, feature_block=-2)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        out = enc(x)
+        out = encode(enc, x)
         expected = by_hand_blocks(enc.model, x, len(enc.model.blocks) - 2)[:, enc.model.num_prefix_tokens :]
-    assert out.tokens.shape == (2, 16, 192) and out.grid == (4, 4)
+    assert out.tokens.shape == (2, 16, 192) and out.layout.grid == (4, 4)
     assert torch.allclose(out.tokens, expected, atol=1e-6)
 
 
 def test_final_features_keep_prefix_when_asked():
     enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, keep_prefix_tokens=True)
     with torch.no_grad():
-        out = enc(torch.rand(1, 3, 64, 64))
-    assert out.tokens.shape == (1, 17, 192) and out.grid is None
+        out = encode(enc, torch.rand(1, 3, 64, 64))
+    assert out.tokens.shape == (1, 17, 192) and out.layout.grid is None
     assert enc.num_tokens() == 17
 
 
@@ -47,14 +51,17 @@ def test_cls_and_attention_of_the_next_block_on_request():
     enc.request(frozenset({CLS, ATTENTION}))
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        out = enc(x)
+        out = encode(enc, x)
         penultimate = by_hand_blocks(enc.model, x, len(enc.model.blocks) - 2)
         last = enc.model.blocks[-1]
         qkv = last.attn.qkv(last.norm1(penultimate))
     assert torch.allclose(out.cls, penultimate[:, 0], atol=1e-6)
-    assert torch.allclose(out.queries, qkv[..., :192], atol=1e-5)
-    assert torch.allclose(out.keys, qkv[..., 192:384], atol=1e-5)
-    assert out.num_prefix_tokens == 1
+    heads = last.attn.num_heads  # per head: (B, heads, T, head_dim), channels split in timm's order
+    q, k = (qkv[..., i * 192 : (i + 1) * 192].unflatten(-1, (heads, -1)).transpose(1, 2) for i in (0, 1))
+    assert out.attention.queries.shape == (1, heads, 17, 192 // heads)
+    assert torch.allclose(out.attention.queries, q, atol=1e-5)
+    assert torch.allclose(out.attention.keys, k, atol=1e-5)
+    assert out.attention.num_prefix_tokens == 1
 
 
 def test_convnet_map_becomes_row_major_tokens():
@@ -62,9 +69,9 @@ def test_convnet_map_becomes_row_major_tokens():
     assert enc.provides == frozenset()
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        out = enc(x)
+        out = encode(enc, x)
         fmap = enc.model.forward_features(x)
-    assert out.grid == (2, 2) and out.tokens.shape == (1, 4, enc.width)
+    assert out.layout.grid == (2, 2) and out.tokens.shape == (1, 4, enc.width)
     assert torch.equal(out.tokens[0, 1], fmap[0, :, 0, 1])  # row 0, column 1
     with pytest.raises(ImageSizeError, match="multiple of 32"):
         enc.num_tokens(100)
@@ -87,6 +94,22 @@ def test_unknown_timm_model_is_a_config_error():
 
     with pytest.raises(ConfigError, match="encoder.model_name"):
         encoder(model_name="vit_nonexistent_patch3")
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(feature_block=99), r"encoder.feature_block=99 is out of range: vit_tiny_patch16_224 has 12 blocks"),
+        (dict(model_name="convnext_atto", feature_block=7), r"feature_block=7 is out of range: convnext_atto has 4"),
+        (dict(attention_block=-13), r"encoder.attention_block=-13 is out of range"),
+        (dict(model_kwargs={"bogus": 1}), r"timm cannot build .*bogus.*encoder.model_kwargs"),
+    ],
+)
+def test_bad_options_name_the_key(options, message):
+    from ablate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        encoder(**{"model_name": "vit_tiny_patch16_224", "image_size": 64, **options})
 
 
 def test_attention_of_the_last_block_when_the_last_block_is_selected():

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
+
 from torch import nn
 
-from ablate.components import Connector
+from ablate.components import Connector, StageContext
 from ablate.hookspecs import hookimpl
 
 
@@ -18,8 +19,8 @@ class Linear(Connector):
         super().__init__(config, in_width, out_width)
         self.proj = nn.Linear(in_width, out_width)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(tokens)
+    def forward(self, ctx: StageContext) -> StageContext:
+        return replace(ctx, tokens=self.proj(ctx.tokens))
 
 
 class Mlp2xGelu(Connector):
@@ -32,8 +33,8 @@ class Mlp2xGelu(Connector):
         # Indices 0 and 2 match LLaVA checkpoints' `mm_projector.{0,2}` keys.
         self.layers = nn.Sequential(nn.Linear(in_width, out_width), nn.GELU(), nn.Linear(out_width, out_width))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.layers(tokens)
+    def forward(self, ctx: StageContext) -> StageContext:
+        return replace(ctx, tokens=self.layers(ctx.tokens))
 
 
 @hookimpl

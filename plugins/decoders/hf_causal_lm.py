@@ -6,15 +6,18 @@ The presets hold the published config values of each LLM; `decoder.overrides` ch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.activations import ACT2FN
 
-from ablate.components import Decoder, DecoderConfig
-from ablate.errors import ConfigError, did_you_mean
+from ablate.components import Decoder, DecoderConfig, DecoderOutput
+from ablate.errors import CheckpointError, ConfigError, did_you_mean
 from ablate.hookspecs import hookimpl
+from ablate.weights import load_state_dict_strict, read_tensors
 
 _QWEN2 = dict(
     model_type="qwen2",
@@ -23,44 +26,156 @@ _QWEN2 = dict(
     rope_theta=1_000_000.0,
     max_position_embeddings=32768,
 )
-_LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10_000.0, max_position_embeddings=4096)
+_LLAMA = dict(
+    model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10_000.0, max_position_embeddings=4096
+)
 
 # Sizes: Qwen2 configs (FastVLM uses 0.5B/1.5B/7B), Vicuna-7B v1.5 = Llama-2-7B shape (LLaVA-1.5).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "qwen2-0.5b": dict(_QWEN2, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                       intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2-1.5b": dict(_QWEN2, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                       intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2-7b": dict(_QWEN2, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                     intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
-    "vicuna-7b": dict(_LLAMA, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                      intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
+    "qwen2-0.5b": dict(
+        _QWEN2,
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2-1.5b": dict(
+        _QWEN2,
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2-7b": dict(
+        _QWEN2,
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "vicuna-7b": dict(
+        _LLAMA,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
     # Tiny variants for tests and demos: same code paths, milliseconds per prefill.
-    "qwen2-tiny": dict(_QWEN2, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=128, vocab_size=1024, tie_word_embeddings=True),
-    "llama-tiny": dict(_LLAMA, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                       intermediate_size=128, vocab_size=1024, tie_word_embeddings=False),
+    "qwen2-tiny": dict(
+        _QWEN2,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+    ),
+    "llama-tiny": dict(
+        _LLAMA,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+    ),
 }
+
+
+# Config values that count something: they must be positive integers.
+SIZES = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "head_dim",
+)
+# Accepted although a default transformers config does not list them: its constructor folds them into others.
+FOLDED_KEYS = {"rope_theta", "rope_scaling"}
 
 
 @dataclass
 class HFCausalLMConfig(DecoderConfig):
-    arch: str = "qwen2-tiny"  # one of ARCHITECTURES
-    overrides: dict[str, Any] = field(default_factory=dict)  # any transformers config attribute
-    attn_implementation: str = "sdpa"  # "sdpa" or "eager"
+    arch: str = "qwen2-tiny"  # one of ARCHITECTURES (ignored when `weights` names a model directory)
+    overrides: dict[str, Any] = field(default_factory=dict)  # transformers config attributes, checked by name
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
 def architecture_config(arch: str, overrides: dict[str, Any] | None = None):
-    """The transformers config of a preset architecture, with overrides applied."""
+    """The transformers config of a preset architecture, with overrides applied (each checked)."""
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"Unknown decoder architecture '{arch}' (decoder.arch).{did_you_mean(arch, ARCHITECTURES)} "
             f"Available: {', '.join(ARCHITECTURES)}. Use decoder.overrides.KEY=VALUE to change sizes."
         )
     values = dict(ARCHITECTURES[arch])
-    values.update(overrides or {})
     model_type = values.pop("model_type")
-    return AutoConfig.for_model(model_type, **values)
+    check_overrides(model_type, overrides or {}, known=set(values))
+    values.update(overrides or {})
+    return _checked_sizes(AutoConfig.for_model(model_type, **values))
+
+
+def check_overrides(model_type: str, overrides: dict[str, Any], known: set[str] = frozenset()) -> None:
+    """Every override names an attribute of the model type's transformers config, with a value of its type."""
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    allowed = (set(defaults) | set(known) | FOLDED_KEYS) - {"model_type"}
+    for key, value in overrides.items():
+        if key == "model_type":
+            raise ConfigError(
+                f"decoder.overrides.model_type cannot change the model family; pick another decoder.arch "
+                f"({', '.join(ARCHITECTURES)})."
+            )
+        if key not in allowed:
+            raise ConfigError(
+                f"Unknown config key 'decoder.overrides.{key}' for a {model_type} model.{did_you_mean(key, allowed)} "
+                f"Its keys are those of transformers' {model_type} config, e.g. num_hidden_layers, hidden_size."
+            )
+        if key in SIZES and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"decoder.overrides.{key} must be a positive integer, not {value!r}.")
+        if key == "vocab_size" and value < 2:
+            raise ConfigError("decoder.overrides.vocab_size must be at least 2 (the image placeholder and text).")
+        if key == "hidden_act" and value not in ACT2FN:
+            raise ConfigError(
+                f"decoder.overrides.hidden_act={value!r} is no activation transformers knows. "
+                f"Choose one of: {', '.join(sorted(ACT2FN))}."
+            )
+        default = defaults.get(key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"decoder.overrides.{key} must be true or false, not {value!r}.")
+        if isinstance(default, float) and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ConfigError(f"decoder.overrides.{key} must be a finite number, not {value!r}.")
+
+
+def _checked_sizes(hf_config):
+    heads, kv_heads = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None)
+    if getattr(hf_config, "head_dim", None) is None and hf_config.hidden_size % heads:
+        raise ConfigError(
+            f"decoder hidden_size {hf_config.hidden_size} is not divisible by num_attention_heads {heads}: change "
+            f"decoder.overrides.hidden_size or decoder.overrides.num_attention_heads."
+        )
+    if kv_heads and heads % kv_heads:
+        raise ConfigError(
+            f"decoder num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: change "
+            f"decoder.overrides.num_key_value_heads."
+        )
+    return hf_config
 
 
 class HFCausalLM(Decoder):
@@ -71,28 +186,50 @@ class HFCausalLM(Decoder):
 
     def __init__(self, config: HFCausalLMConfig):
         super().__init__(config)
-        if config.weights:
-            # A local HF model directory (config.json + safetensors); never a download.
-            self.lm = AutoModelForCausalLM.from_pretrained(
-                config.weights, local_files_only=True, attn_implementation=config.attn_implementation,
-                dtype=torch.get_default_dtype(),
-            )
+        if config.weights:  # a local transformers model directory: its own architecture (weights load after build)
+            hf_config = _directory_config(config.weights)
+            check_overrides(hf_config.model_type, dict(config.overrides))
+            for key, value in config.overrides.items():
+                setattr(hf_config, key, value)
+            _checked_sizes(hf_config)
         else:
             hf_config = architecture_config(config.arch, dict(config.overrides))
-            self.lm = AutoModelForCausalLM.from_config(
-                hf_config, attn_implementation=config.attn_implementation, dtype=torch.get_default_dtype()
-            )
+        self.lm = AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=config.attn_implementation, dtype=torch.get_default_dtype()
+        )
         self.hidden_size = self.lm.config.hidden_size
         self.vocab_size = self.lm.config.vocab_size
+
+    def load_weights(self, path: str) -> None:
+        """A transformers model directory (or weights file) with `model.*` and `lm_head.*` keys, loaded strictly."""
+        tensors = read_tensors(path)
+        head, embeddings = "lm_head.weight", "model.embed_tokens.weight"
+        tied = self.lm.get_output_embeddings().weight is self.lm.get_input_embeddings().weight
+        if tied and head not in tensors and embeddings in tensors:
+            tensors[head] = tensors[embeddings]  # a tied checkpoint stores the matrix once
+        load_state_dict_strict(self.lm, tensors, f"decoder '{self.name}' (decoder.weights={path})")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs_embeds, *, attention_mask=None, labels=None, all_logits=False) -> DecoderOutput:
+        if labels is not None or all_logits:  # training or scoring: every position, no cache
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+            return DecoderOutput(logits=out.logits, loss=out.loss)
         # use_cache: a real first token writes the KV cache that generation goes on with, so TTFT includes it.
         # logits_to_keep=1: only the last position's logits, as generate() computes them.
-        out = self.lm(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        return DecoderOutput(logits=out.logits[:, -1])
+
+
+def _directory_config(path: str):
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"decoder.weights={path} is not a transformers model directory with a readable config.json ({exc}). "
+            f"Point it at a local directory saved with save_pretrained()."
+        ) from None
 
 
 @hookimpl

@@ -12,8 +12,9 @@ poolings. Facts and key maps: shared/spec/fastvlm.md (sections 1 and 3.6).
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
@@ -23,7 +24,7 @@ from timm.models.fastvit import FastVit, RepConditionalPosEnc
 from timm.utils.model import reparameterize_model
 from torch import nn
 
-from ablate.components import EncoderConfig, EncoderOutput, Preprocessing, VisionEncoder, check_multiple
+from ablate.components import EncoderConfig, Preprocessing, StageContext, TokenLayout, VisionEncoder, check_multiple
 from ablate.errors import CheckpointError, ConfigError
 from ablate.hookspecs import hookimpl
 from ablate.weights import load_state_dict_strict, read_tensors
@@ -91,6 +92,12 @@ def validate(config: FastViTConfig) -> None:
                 f"encoder.embed_dims[{i}]={width} is an attention stage, whose width must be a multiple of "
                 f"{ATTENTION_HEAD_DIM} (timm's head_dim): use {max(32, round(width / 32) * 32)}."
             )
+        # The downsampling conv is grouped by input channel: each input channel makes width / previous outputs.
+        if i > 0 and config.downsamples[i] and width % config.embed_dims[i - 1]:
+            raise ConfigError(
+                f"encoder.embed_dims[{i}]={width} must be a multiple of encoder.embed_dims[{i - 1}]="
+                f"{config.embed_dims[i - 1]}: the downsampling conv before stage {i} is grouped by input channel."
+            )
         # timm downsamples any stage that changes width, whatever the flag says; the stride would silently differ.
         if i > 0 and not config.downsamples[i] and width != config.embed_dims[i - 1]:
             raise ConfigError(
@@ -99,8 +106,14 @@ def validate(config: FastViTConfig) -> None:
             )
     _one_of("encoder.norm", config.norm, NORMS)
     _one_of("encoder.fusion", config.fusion, FUSIONS)
-    if config.final_conv and config.cls_ratio <= 0:
-        raise ConfigError(f"encoder.cls_ratio={config.cls_ratio} must be positive (final conv width / last width).")
+    if config.final_conv:
+        last = config.embed_dims[-1]
+        width = config.cls_ratio * last if math.isfinite(config.cls_ratio) else 0
+        if width < last or width != int(width) or int(width) % last:
+            raise ConfigError(
+                f"encoder.cls_ratio={config.cls_ratio} must make the final conv's width a whole multiple of the last "
+                f"stage's width {last} (the conv is grouped by channel): use 1.0, 2.0, 3.0, ..."
+            )
     if len(set(config.fusion_stages)) != len(config.fusion_stages):
         raise ConfigError(f"encoder.fusion_stages={config.fusion_stages} names a stage twice.")
     for stage in config.fusion_stages:
@@ -112,6 +125,15 @@ def validate(config: FastViTConfig) -> None:
     for key in ("mean", "std"):
         if len(getattr(config, key)) != 3:
             raise ConfigError(f"encoder.{key} needs 3 values (R, G, B), not {getattr(config, key)}.")
+    if not all(math.isfinite(v) for v in (*config.mean, *config.std)):
+        raise ConfigError(f"encoder.mean={config.mean} and encoder.std={config.std} must be finite numbers.")
+    if not all(s > 0 for s in config.std):
+        raise ConfigError(f"encoder.std={config.std} must be positive (pixels are divided by it), e.g. [1, 1, 1].")
+    for key in ("layers", "embed_dims"):
+        if not all(n >= 1 for n in getattr(config, key)):
+            raise ConfigError(f"encoder.{key}={getattr(config, key)} must hold positive numbers.")
+    if not all(r > 0 for r in config.mlp_ratios):
+        raise ConfigError(f"encoder.mlp_ratios={config.mlp_ratios} must be positive.")
 
 
 def stage_strides(config: FastViTConfig) -> list[int]:
@@ -166,8 +188,6 @@ class FastViT(VisionEncoder):
             )
         final_width = int(config.embed_dims[-1] * config.cls_ratio) if config.final_conv else config.embed_dims[-1]
         self.width = final_width + sum(config.embed_dims[int(stage)] for stage in self.fusion)
-        if config.weights:
-            self.load_weights(config.weights)
 
     @property
     def form(self) -> str:
@@ -189,16 +209,17 @@ class FastViT(VisionEncoder):
         check_multiple(self.name, size, self.stride)
         return (size // self.stride) ** 2
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+    def forward(self, ctx: StageContext) -> StageContext:
         # timm's forward_features (stem, stages, final conv), run stage by stage to catch the fused stages' maps.
-        x = self.model.stem(pixel_values)
+        x = self.model.stem(ctx.pixel_values)
         fused = []
         for index, stage in enumerate(self.model.stages):
             x = stage(x)
             if str(index) in self.fusion:
                 fused.append(self.fusion[str(index)](x))
         x = torch.cat([self.model.final_conv(x), *fused], dim=1)
-        return EncoderOutput(tokens=x.flatten(2).transpose(1, 2), grid=(x.shape[2], x.shape[3]))
+        layout = TokenLayout.grid_of(x.shape[2], x.shape[3], ctx.layout.image_size)
+        return replace(ctx, tokens=x.flatten(2).transpose(1, 2), layout=layout)
 
     def reparameterize(self) -> None:
         """Fuse the multi-branch train form into the inference form, in place (same outputs, fewer ops)."""
@@ -208,8 +229,6 @@ class FastViT(VisionEncoder):
     def load_weights(self, path: str) -> None:
         """Encoder weights from a local file: this encoder's own state_dict, timm FastViT keys, or the official
         ml-fastvlm / MobileCLIP names (any `head.*` is dropped). Loaded strictly."""
-        if any(p.is_meta for p in self.parameters()):
-            return  # a meta-device build only counts shapes
         tensors = read_tensors(path)
         what = f"encoder '{self.name}' (encoder.weights={path})"
         if any(key.startswith("model.") for key in tensors):  # saved from this class: fusion weights included

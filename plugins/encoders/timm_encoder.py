@@ -8,15 +8,26 @@ in the name (".openai") picks that tag's preprocessing (mean/std) without downlo
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import timm
 import torch
 
-from ablate.components import ATTENTION, CLS, EncoderConfig, EncoderOutput, Preprocessing, VisionEncoder, check_multiple
+from ablate.components import (
+    ATTENTION,
+    CLS,
+    Attention,
+    EncoderConfig,
+    Preprocessing,
+    StageContext,
+    TokenLayout,
+    VisionEncoder,
+    check_multiple,
+)
 from ablate.errors import ConfigError, ImageSizeError
 from ablate.hookspecs import hookimpl
+from ablate.weights import load_state_dict_strict, read_tensors
 
 
 @dataclass
@@ -38,28 +49,47 @@ class TimmEncoder(VisionEncoder):
     name = "timm"
     Config = TimmEncoderConfig
 
+    @classmethod
+    def resolve_config(cls, config: TimmEncoderConfig) -> TimmEncoderConfig:
+        if config.image_size is None:  # the recorded config says which size ran
+            config = replace(config, image_size=_native_size(config.model_name))
+        return config
+
     def __init__(self, config: TimmEncoderConfig):
-        super().__init__(config)
-        if config.image_size is None:  # resolved here, so the recorded config says which size ran
-            config.image_size = _native_size(config.model_name)
+        super().__init__(self.resolve_config(config))
+        config = self.config
         self.model = _create(config)
         self.stride = _stride(self.model)
         self.num_prefix = getattr(self.model, "num_prefix_tokens", 0)
         self._has_cls = bool(getattr(self.model, "cls_token", None) is not None)
         blocks = getattr(self.model, "blocks", None)
-        self._attention_ok = self._has_cls and blocks is not None and hasattr(blocks[0], "attn")
+        # Attention scores index the visual tokens after the prefix ones: not when the prefix is among them.
+        self._attention_ok = (
+            self._has_cls and blocks is not None and hasattr(blocks[0], "attn") and not config.keep_prefix_tokens
+        )
         self.width = self.model.num_features
-        if config.feature_block is not None and _feature_info(self.model):
-            # An intermediate stage of a conv net is narrower than the last one (ViT blocks all have one width).
-            chosen = _feature_info(self.model)[config.feature_block]
-            self.width, self.stride = int(chosen["num_chs"]), int(chosen["reduction"])
+        if config.feature_block is not None:
+            info = _feature_info(self.model)
+            count = len(blocks) if blocks is not None else len(info)
+            if not -count <= config.feature_block < count:
+                unit = "blocks" if blocks is not None else "feature stages"
+                raise ConfigError(
+                    f"encoder.feature_block={config.feature_block} is out of range: {config.model_name} has {count} "
+                    f"{unit} (0..{count - 1}, or negative from the end)."
+                )
+            if info and blocks is None:
+                # An intermediate stage of a conv net is narrower than the last one (ViT blocks all have one width).
+                chosen = info[config.feature_block]
+                self.width, self.stride = int(chosen["num_chs"]), int(chosen["reduction"])
+        if config.attention_block is not None and (
+            blocks is None or not -len(blocks) <= config.attention_block < len(blocks)
+        ):
+            raise ConfigError(
+                f"encoder.attention_block={config.attention_block} is out of range for {config.model_name} "
+                f"({0 if blocks is None else len(blocks)} attention blocks)."
+            )
         self._captured: dict[str, torch.Tensor] = {}
         self._token_counts: dict[int, int] = {}
-        if config.feature_block is not None and blocks is not None and not -len(blocks) <= config.feature_block < len(blocks):
-            raise ConfigError(
-                f"encoder.feature_block={config.feature_block} is out of range: {config.model_name} has "
-                f"{len(blocks)} blocks (0..{len(blocks) - 1}, or negative from the end)."
-            )
 
     @property
     def provides(self) -> frozenset[str]:  # type: ignore[override]
@@ -95,20 +125,54 @@ class TimmEncoder(VisionEncoder):
                 probe = TimmEncoder(dataclasses.replace(self.config, image_size=size))
             with torch.no_grad():
                 x = torch.empty(1, 3, size, size, device="meta")
-                self._token_counts[size] = probe._features(x, capture=False).tokens.shape[1]
+                tokens, prefix = probe._features(x, capture=False)
+                kept_prefix = prefix.shape[1] if prefix is not None and self.config.keep_prefix_tokens else 0
+                self._token_counts[size] = tokens.shape[1] + kept_prefix
         return self._token_counts[size]
+
+    def output_layout(self) -> TokenLayout:
+        if self.config.keep_prefix_tokens and self.num_prefix:
+            return TokenLayout.unstructured(self.num_tokens())
+        return super().output_layout()
 
     def request(self, needs: frozenset[str]) -> None:
         super().request(needs)
         if ATTENTION in needs:
             self._attention_module().register_forward_hook(self._capture_qkv)
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        return self._features(pixel_values, capture=True)
+    def forward(self, ctx: StageContext) -> StageContext:
+        x = ctx.pixel_values
+        tokens, prefix = self._features(x, capture=True)
+        h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
+        cls_token, attention = None, None
+        if prefix is not None and CLS in self.requested:
+            cls_token = prefix[:, 0]
+        if prefix is not None and self.config.keep_prefix_tokens:
+            tokens = torch.cat([prefix, tokens], dim=1)
+        if ATTENTION in self.requested:
+            attention = self._take_attention()
+        on_grid = h * w == tokens.shape[1]
+        layout = (
+            TokenLayout.grid_of(h, w, ctx.layout.image_size)
+            if on_grid
+            else TokenLayout.unstructured(tokens.shape[1], ctx.layout.image_size)
+        )
+        return replace(ctx, tokens=tokens, layout=layout, cls=cls_token, attention=attention)
+
+    def load_weights(self, path: str) -> None:
+        """This encoder's own state_dict (keys `model.*`), or a timm checkpoint of the model (keys as timm names them)."""
+        tensors = read_tensors(path)
+        what = f"encoder 'timm' {self.config.model_name} (encoder.weights={path})"
+        if any(key.startswith("model.") for key in tensors):
+            load_state_dict_strict(self, tensors, what)
+        else:
+            tensors = {key: value for key, value in tensors.items() if not key.startswith("head.")}  # a classifier
+            load_state_dict_strict(self.model, tensors, what)
 
     # ------------------------------------------------------------------------------------- internals
 
-    def _features(self, x: torch.Tensor, capture: bool) -> EncoderOutput:
+    def _features(self, x: torch.Tensor, capture: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, C) tokens (prefix tokens split off) and the prefix tokens (None if the model has none)."""
         config = self.config
         if config.feature_block is None:
             out = self.model.forward_features(x)
@@ -121,66 +185,65 @@ class TimmEncoder(VisionEncoder):
                 x,
                 indices=[config.feature_block],
                 norm=False,
-                stop_early=ATTENTION not in self.requested,
+                stop_early=not (capture and ATTENTION in self.requested),
                 output_fmt="NLC" if hasattr(self.model, "blocks") else "NCHW",
                 intermediates_only=True,
                 **({"return_prefix_tokens": True} if self.num_prefix else {}),  # conv nets take no such argument
             )[0]
             out, prefix = result if isinstance(result, tuple) else (result, None)
         if out.ndim == 4:  # NCHW map -> row-major tokens
-            grid = (out.shape[2], out.shape[3])
-            tokens = out.flatten(2).transpose(1, 2)
-        else:
-            tokens = out
-            h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
-            grid = (h, w) if h * w == tokens.shape[1] else None
-        features = EncoderOutput(tokens=tokens, grid=grid)
-        if prefix is not None:
-            if CLS in self.requested and self._has_cls:
-                features.cls = prefix[:, 0]
-            if config.keep_prefix_tokens:
-                features.tokens = torch.cat([prefix, tokens], dim=1)
-                features.grid = None
-        if capture and ATTENTION in self.requested:
-            qkv = self._captured.pop("qkv")
-            dim = qkv.shape[-1] // 3
-            features.queries, features.keys = qkv[..., :dim], qkv[..., dim : 2 * dim]
-            features.num_prefix_tokens = self.num_prefix
-        return features
+            out = out.flatten(2).transpose(1, 2)
+        return out, prefix
 
-    def _attention_module(self) -> torch.nn.Module:
-        blocks = self.model.blocks
-        index, count = self.config.attention_block, len(blocks)
+    def _take_attention(self) -> Attention:
+        qkv = self._captured.pop("qkv")  # (B, T, 3 * heads * head_dim), as timm's Attention computes it
+        heads = self._attention_module_parent().num_heads
+        batch, length, _ = qkv.shape
+        q, k, _ = qkv.reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return Attention(queries=q, keys=k, num_prefix_tokens=self.num_prefix)
+
+    def _attention_index(self) -> int:
+        index, count = self.config.attention_block, len(self.model.blocks)
         if index is None:  # the block after the selected features, or the last one
             feature = self.config.feature_block
             index = count - 1 if feature is None else min(feature % count + 1, count - 1)
-        return blocks[index].attn.qkv
+        return index
+
+    def _attention_module_parent(self) -> torch.nn.Module:
+        return self.model.blocks[self._attention_index()].attn
+
+    def _attention_module(self) -> torch.nn.Module:
+        return self._attention_module_parent().qkv
 
     def _capture_qkv(self, module, inputs, output) -> None:
         self._captured["qkv"] = output
 
 
-def _create(config: TimmEncoderConfig, image_size: int | None = None) -> torch.nn.Module:
+def _create(config: TimmEncoderConfig) -> torch.nn.Module:
     kwargs = dict(pretrained=False, num_classes=0, **config.model_kwargs)
-    size = image_size or config.image_size
+    if not timm.is_model(config.model_name.split(".")[0]):
+        stem = config.model_name.split(".")[0].split("_")[0]
+        candidates = timm.list_models(f"*{stem}*")[:10]
+        raise ConfigError(
+            f"timm has no model '{config.model_name}' (encoder.model_name). Similar names: "
+            f"{', '.join(candidates) or 'none'}. `python -c \"import timm; print(timm.list_models('*vit*'))\"` lists them."
+        )
     try:
-        return timm.create_model(config.model_name, img_size=size, **kwargs)
-    except TypeError as exc:
-        if "img_size" not in str(exc):
-            raise
-        return timm.create_model(config.model_name, **kwargs)  # convolutional: takes any size
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            candidates = timm.list_models(f"*{config.model_name.split('.')[0].split('_')[0]}*")[:10]
-            raise ConfigError(
-                f"timm has no model '{config.model_name}' (encoder.model_name). Similar names: "
-                f"{', '.join(candidates) or 'none'}. `python -c \"import timm; print(timm.list_models('*vit*'))\"` lists them."
-            ) from None
-        raise
+        try:
+            return timm.create_model(config.model_name, img_size=config.image_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+            return timm.create_model(config.model_name, **kwargs)  # convolutional: takes any size
+    except (TypeError, ValueError, AssertionError) as exc:  # a create_model argument the model does not take
+        raise ConfigError(
+            f"timm cannot build {config.model_name} with encoder.model_kwargs={config.model_kwargs} at "
+            f"{config.image_size} px: {type(exc).__name__}: {exc}. Fix or remove the offending encoder.model_kwargs key."
+        ) from None
 
 
 def _native_size(model_name: str) -> int:
-    pretrained_cfg = timm.get_pretrained_cfg(model_name)
+    pretrained_cfg = timm.get_pretrained_cfg(model_name) if timm.is_model(model_name.split(".")[0]) else None
     return int(pretrained_cfg.input_size[-1]) if pretrained_cfg else 224
 
 

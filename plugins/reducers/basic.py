@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ablate.components import EncoderOutput, TokenReducer
+from ablate.components import StageContext, TokenReducer
 from ablate.hookspecs import hookimpl
 
 
@@ -11,8 +11,8 @@ class NoReducer(TokenReducer):
 
     name = "none"
 
-    def forward(self, features: EncoderOutput) -> EncoderOutput:
-        return features
+    def forward(self, ctx: StageContext) -> StageContext:
+        return ctx
 
 
 @hookimpl

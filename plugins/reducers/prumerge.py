@@ -8,12 +8,14 @@ and one extra token summarises the pruned ones. The token count therefore depend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from ablate.components import ATTENTION, CLS, EncoderOutput, ReducerConfig, TokenReducer
+from ablate.components import ATTENTION, CLS, ReducerConfig, StageContext, TokenLayout, TokenReducer
+from ablate.errors import ConfigError
 from ablate.hookspecs import hookimpl
 
 
@@ -30,15 +32,25 @@ class PruMerge(TokenReducer):
     Config = PruMergeConfig
     requires = frozenset({CLS, ATTENTION})
 
-    def num_tokens(self, num_tokens, grid):
+    def __init__(self, config: PruMergeConfig):
+        super().__init__(config)
+        if config.k_nn < 1:
+            raise ConfigError(
+                f"reducer.k_nn={config.k_nn} must be at least 1 (neighbours merged into each kept token)."
+            )
+        if not (math.isfinite(config.iqr_factor) and config.iqr_factor >= 0):
+            raise ConfigError(f"reducer.iqr_factor={config.iqr_factor} must be a finite number >= 0 (1.5 as released).")
+
+    def output_layout(self, layout):
         return None  # adaptive: decided per batch by the IQR fence
 
-    def forward(self, features: EncoderOutput) -> EncoderOutput:
-        x = features.tokens  # (B, N, C), prefix tokens already dropped
-        prefix = features.num_prefix_tokens
-        if prefix < 1:
+    def forward(self, ctx: StageContext) -> StageContext:
+        x = ctx.tokens  # (B, N, C), prefix tokens already dropped
+        if ctx.attention is None or ctx.attention.num_prefix_tokens < 1:
             raise ValueError("PruMerge scores tokens by the CLS query: the encoder's attention has no prefix token")
-        q, k = features.queries, features.keys  # (B, P + N, D)
+        prefix = ctx.attention.num_prefix_tokens
+        # The released code uses one "head" over all channels: concatenate the heads back. (B, P + N, D)
+        q, k = (t.transpose(1, 2).flatten(2) for t in (ctx.attention.queries, ctx.attention.keys))
         scale = q.shape[-1] ** -0.5
         attention = torch.softmax((q[:, :1] @ k.transpose(1, 2)) * scale, dim=-1)[:, 0]
         cls_attention = attention[:, prefix:]  # (B, N)
@@ -64,7 +76,9 @@ class PruMerge(TokenReducer):
 
         pruned = torch.ones_like(cls_attention, dtype=torch.bool).scatter_(1, kept, False)
         extra = ((cls_attention * pruned)[..., None] * x).sum(dim=1, keepdim=True)
-        return features.replace(tokens=torch.cat([merged, extra], dim=1), grid=None, queries=None, keys=None)
+        tokens = torch.cat([merged, extra], dim=1)
+        layout = TokenLayout.unstructured(tokens.shape[1], ctx.layout.image_size)
+        return replace(ctx, tokens=tokens, layout=layout, attention=None)
 
 
 @hookimpl

@@ -6,13 +6,21 @@ A worked example of a third-party ablate encoder. It uses only ablate's public i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 import ablate
-from ablate.components import CLS, EncoderConfig, EncoderOutput, Preprocessing, VisionEncoder, check_multiple
+from ablate.components import (
+    CLS,
+    EncoderConfig,
+    Preprocessing,
+    StageContext,
+    TokenLayout,
+    VisionEncoder,
+    check_multiple,
+)
 from ablate.errors import ConfigError
 
 
@@ -70,13 +78,14 @@ class PatchConvEncoder(VisionEncoder):
         check_multiple(self.name, size, self.config.patch_size)
         return (size // self.config.patch_size) ** 2
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        x = self.blocks(self.patchify(pixel_values))  # (B, width, h, w)
+    def forward(self, ctx: StageContext) -> StageContext:
+        x = self.blocks(self.patchify(ctx.pixel_values))  # (B, width, h, w)
         tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, h*w, width), row-major over the grid
-        features = EncoderOutput(tokens=tokens, grid=(x.shape[2], x.shape[3]))
-        if CLS in self.requested:  # extras cost time: compute them only when a reducer asked at build time
-            features.cls = tokens.mean(dim=1)
-        return features
+        # The context is immutable: return a copy with what this stage produced (tokens, their grid, extras).
+        layout = TokenLayout.grid_of(x.shape[2], x.shape[3], image_size=ctx.layout.image_size)
+        # Extras cost time: compute them only when a reducer asked at build time.
+        cls_token = tokens.mean(dim=1) if CLS in self.requested else None
+        return replace(ctx, tokens=tokens, layout=layout, cls=cls_token)
 
 
 @ablate.hookimpl

@@ -1,0 +1,119 @@
+"""How a config is run: the `run:` section of a config (`run.repeats=10`, or the `ablate run` flags).
+
+Run options are config keys like any other, so a grid can sweep them and a record says exactly how it was made.
+Precedence is the config's: defaults < preset < user file < overrides < command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ablate.errors import ConfigError, ResourceError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ("eager",)  # torch.compile and CUDA graphs come with the performance-modes work
+STAGES = ("encoder", "reducer", "connector", "prefill")  # timed stages, in the order of the default pipeline
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32)
+# Progress callback: (what is happening, step done, steps in all).
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ComponentDtypes:
+    """A dtype per component, overriding `run.dtype` for that one (e.g. a float32 encoder before a bfloat16 LLM)."""
+
+    encoder: str | None = None
+    reducer: str | None = None
+    connector: str | None = None
+    decoder: str | None = None
+
+
+@dataclass
+class RunOptions:
+    """The `run:` config section."""
+
+    device: str = "cpu"  # cpu, cuda, cuda:N
+    dtype: str = "float32"  # every component's dtype unless `dtypes` says otherwise
+    dtypes: ComponentDtypes = field(default_factory=ComponentDtypes)
+    mode: str = "eager"
+    threads: int | None = None  # torch CPU threads; None: torch's choice
+    warmup: int = 2  # untimed repeats first
+    repeats: int = 5  # timed repeats; medians are reported
+    count_only: bool = False  # tokens, params and FLOPs on the meta device; no weights allocated, nothing timed
+    image: str | None = None  # a real image file; None: a synthetic image of the encoder's input size
+    seed: int = 0  # random weights, the synthetic image and the prompt
+
+    def dtype_of(self, kind: str) -> torch.dtype:
+        return DTYPES[getattr(self.dtypes, kind) or self.dtype]
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the `run.` key (its command-line flag in brackets) for values that cannot run."""
+        for key, value in [("dtype", self.dtype)] + [(f"dtypes.{k}", v) for k, v in vars(self.dtypes).items()]:
+            if value is not None and value not in DTYPES:
+                raise ConfigError(f"Unknown dtype '{value}' (run.{key}). Choose one of: {', '.join(DTYPES)}.")
+        if self.mode not in MODES:
+            raise ConfigError(f"Unknown mode '{self.mode}' (run.mode, --mode). Available modes: {', '.join(MODES)}.")
+        if self.repeats < 1:
+            raise ConfigError(f"run.repeats (--repeats) must be at least 1, not {self.repeats}.")
+        if self.warmup < 0:
+            raise ConfigError(f"run.warmup (--warmup) must be 0 or more, not {self.warmup}.")
+        cores = os.cpu_count() or 1
+        if self.threads is not None and not 1 <= self.threads <= cores:
+            raise ConfigError(
+                f"run.threads (--threads) must be between 1 and {cores} (this machine's CPU count), not "
+                f"{self.threads}. Leave it unset for torch's default."
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"run.seed (--seed) must be between 0 and {MAX_SEED}, not {self.seed}.")
+        if self.image is not None and not os.path.isfile(self.image):
+            raise ConfigError(f"Image file {self.image} (run.image, --image) does not exist. Give a PNG or JPEG path.")
+        check_device(self.device)
+        if torch.device(self.device).type == "cpu" and torch.float16 in {self.dtype_of(k) for k in vars(self.dtypes)}:
+            raise ConfigError(
+                "float16 is for GPUs: on a CPU it is slow and some kernels lack it. Use run.dtype=bfloat16 (--dtype "
+                "bfloat16) or float32 on the CPU."
+            )
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device `name` if this machine has it; a ResourceError naming what is here otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"Unknown device '{name}' (run.device, --device). Use cpu, cuda or cuda:N.") from None
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise ConfigError(f"Device '{name}' (run.device, --device): the CPU has no index; use --device cpu.")
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ResourceError(f"--device {name} was asked for, but torch sees no CUDA GPU here. Use --device cpu.")
+        if device.index is not None and device.index >= count:
+            raise ResourceError(
+                f"--device {name} was asked for, but this machine has {count} CUDA GPU(s): use cuda:0..cuda:{count - 1}."
+            )
+        return device
+    if device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ResourceError(
+                f"--device {name} was asked for, but Apple's MPS is not available here. Use --device cpu."
+            )
+        return device
+    raise ConfigError(f"Device type '{device.type}' (run.device, --device) is not supported. Use cpu, cuda or cuda:N.")
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in the target dtype: a 7B model never exists in float32 first."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

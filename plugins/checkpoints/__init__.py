@@ -1,0 +1,1 @@
+"""Built-in checkpoint formats: whole-VLM checkpoint layouts, one module per family."""

@@ -1,0 +1,382 @@
+"""Every failure is a clean record: bad input exits 2 with one paragraph naming the fix, never a traceback; with
+--json stdout holds exactly one object with the full record schema and `error` filled. Unexpected failures inside a
+plugin name the plugin and keep the traceback in a log file (or --debug).
+
+The table runs the real CLI entry point in this process (fast); the cases that need a process of their own (Ctrl-C,
+plugins installed on the path) run `ablate` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import install_plugin, run_cli
+from PIL import Image
+
+import ablate
+from ablate.cli import main
+from ablate.errors import ConfigError, PluginFailure
+from ablate.record import empty_record
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Bad files of every kind a user may hand over."""
+    root = tmp_path_factory.mktemp("bad")
+    list_checkpoint = root / "list-checkpoint"
+    list_checkpoint.mkdir()
+    (list_checkpoint / "config.json").write_text("[1, 2, 3]")
+    huge = root / "huge.png"
+    Image.new("1", (20000, 20000)).save(huge)  # 400 megapixels, a few kilobytes on disk
+    (root / "list.yaml").write_text("- encoder\n- decoder\n")
+    (root / "broken.yaml").write_text("encoder: {name: [\n")
+    (root / "a.yaml").write_text("base: b.yaml\n")
+    (root / "b.yaml").write_text("base: a.yaml\n")
+    (root / "not-an-image.png").write_text("hello")
+    return {"root": root, "list_checkpoint": list_checkpoint, "huge": huge}
+
+
+# (arguments, expected exit code, a phrase of the message). {root}, {huge}, ... are filled from `files`.
+BAD_INPUT = [
+    (["run", "tiny", "--threads", "-1"], 2, "run.threads (--threads) must be between 1 and"),
+    (["run", "tiny", "--threads", "0"], 2, "run.threads (--threads) must be between 1 and"),
+    (["run", "tiny", "--threads", "100000"], 2, "this machine's CPU count"),
+    (["run", "tiny", "--seed", "-1"], 2, "run.seed (--seed) must be between 0 and"),
+    (["run", "tiny", "--device", "banana"], 2, "Unknown device 'banana'"),
+    (["run", "tiny", "--device", "mps"], 2, "MPS is not available here"),
+    (["run", "tiny", "--device", "cuda:7"], 2, "--device cuda:7 was asked for"),
+    (["run", "tiny", "--dtype", "float64"], 2, "Unknown dtype 'float64' (run.dtype)"),
+    (["run", "tiny", "--dtype", "float16"], 2, "float16 is for GPUs"),
+    (["run", "tiny", "--mode", "turbo"], 2, "Unknown mode 'turbo'"),
+    (["run", "tiny", "--repeats", "0"], 2, "run.repeats (--repeats) must be at least 1"),
+    (["run", "tiny", "--warmup", "-1"], 2, "run.warmup (--warmup) must be 0 or more"),
+    (["run", "tiny", "--repeats", "abc"], 2, "argument --repeats: invalid int value: 'abc'"),
+    (["run", "tiny", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["run"], 2, "the following arguments are required: config"),
+    (["run", "tiny", "--image", "{root}/nope.png"], 2, "does not exist"),
+    (["run", "tiny", "--image", "{root}/not-an-image.png"], 2, "Cannot read image"),
+    (["run", "tiny", "--image", "{huge}"], 2, "too large to decode safely"),
+    (["run", "tinyy"], 2, "Did you mean 'tiny'"),
+    (["run", "{root}/list.yaml"], 2, "must hold a mapping of keys, not list"),
+    (["run", "{root}/broken.yaml"], 2, "Fix the YAML syntax"),
+    (["run", "{root}/a.yaml"], 2, "includes itself through `base:`"),
+    (["run", "{list_checkpoint}"], 2, "holds a JSON list, not an object"),
+    (["run", "tiny", "encoder=fastvithdd"], 2, "Did you mean 'fastvithd'"),
+    (["run", "tiny", "connector=nope"], 2, "Unknown connector 'nope'"),
+    (["run", "tiny", "encoder=[1,2]"], 2, "must be a mapping of options, not [1, 2]"),
+    (["run", "tiny", "encoder.imagesize=128"], 2, "Unknown config key 'encoder.imagesize'"),
+    (["run", "tiny", "encoder.image_size=100"], 2, "multiple of 64"),
+    (["run", "tiny", "encoder.image_size=0"], 2, "multiple of 64"),
+    (["run", "tiny", "encoder.image_size=-64"], 2, "multiple of 64"),
+    (["run", "tiny", "encoder.image_size=big"], 2, "encoder.image_size"),
+    (["run", "tiny", "encoder.layers.9=3"], 2, "index 9 is out of range for a list of 5 items"),
+    (["run", "tiny", "encoder.layers.x=3"], 2, "'x' indexes a list"),
+    (["run", "tiny", "encoder.layers.0=0"], 2, "encoder.layers=[0, 1, 1, 1, 1] must hold positive numbers"),
+    (["run", "tiny", "encoder.embed_dims=[16,16,33,32,64]"], 2, "encoder.embed_dims[2]=33 must be a multiple"),
+    (["run", "tiny", "encoder.embed_dims=[16,16,32,33,64]"], 2, "multiple of 32"),
+    (["run", "tiny", "encoder.mean=[1,2]"], 2, "encoder.mean needs 3 values"),
+    (["run", "tiny", "encoder.std=[0,0,0]"], 2, "encoder.std=[0.0, 0.0, 0.0] must be positive"),
+    (["run", "tiny", "encoder.weights={root}/missing.safetensors", "--count-only"], 2, "does not exist"),
+    (["run", "tiny", "weights={root}/missing", "--count-only"], 2, "Weights path"),
+    (["run", "tiny", "encoder=timm", "encoder.feature_block=99"], 2, "encoder.feature_block=99 is out of range"),
+    (["run", "tiny", "encoder=timm", "encoder.model_name=nonexistent_model"], 2, "timm has no model"),
+    (["run", "tiny", "encoder=timm", "encoder.model_kwargs.bogus=1"], 2, "Fix or remove the offending"),
+    (["run", "tiny", "reducer=prumerge"], 2, "needs attention, cls from the encoder"),
+    (["run", "tiny", "reducer.position=sideways"], 2, "Bad value for config key 'reducer.position'"),
+    (["run", "tiny", "decoder.attn_implementation=bogus"], 2, "Bad value for config key 'decoder.attn_implementation'"),
+    (["run", "tiny", "decoder.overrides.num_hidden_layers=-1"], 2, "num_hidden_layers must be a positive integer"),
+    (["run", "tiny", "decoder.overrides.num_hiden_layers=12"], 2, "Did you mean 'num_hidden_layers'"),
+    (["run", "tiny", "decoder.overrides.hidden_size=65"], 2, "not divisible by num_attention_heads"),
+    (["run", "tiny", "decoder.arch=qwen3"], 2, "Unknown decoder architecture 'qwen3'"),
+    (["run", "tiny", "decoder.weights={root}", "--count-only"], 2, "not a transformers model directory"),
+    (["run", "tiny", "prompt_tokens=-5"], 2, "prompt_tokens must be 0 or more"),
+    (["run", "tiny", "prompt_tokens=abc"], 2, "config.prompt_tokens"),
+    (["run", "tiny", "batch_size=0"], 2, "batch_size must be at least 1"),
+    (["run", "tiny", "image_token_id=-3", "--count-only"], 2, "image_token_id=-3 is outside"),
+    (["run", "tiny", "promt_tokens=3"], 2, "Did you mean 'prompt_tokens'"),
+    (["run", "tiny", "run.repets=3"], 2, "Unknown config key 'run.repets'"),
+    (["run", "tiny", "run.dtypes.encodr=bfloat16"], 2, "Unknown config key 'run.dtypes.encodr'"),
+    (["run", "tiny", "encoder..image_size=3"], 2, "has an empty key part"),
+    (["run", "tiny", "=5"], 2, "has an empty key part"),
+    (["run", "tiny", "encoder.image_size"], 2, "is not of the form key=value"),
+    (["run", "tiny", "prompt_tokens.x=1"], 2, "has no sub-keys"),
+    (["run", "tiny", "base=fastvlm-7b"], 2, "'base' cannot be overridden"),
+    (["run", ""], 2, "A config is a preset name, a YAML path, a checkpoint directory or a dict"),
+    (["run", "tiny", "--device", "cpu:3"], 2, "the CPU has no index"),
+    (["run", "tiny", "encoder.cls_ratio=nan"], 2, "encoder.cls_ratio=nan must make the final conv's width"),
+    (["run", "tiny", "encoder.cls_ratio=0.001"], 2, "a whole multiple of the last stage's width"),
+    (["run", "tiny", "encoder.mean=[.nan,0,0]"], 2, "must be finite numbers"),
+    (["run", "tiny", "decoder.overrides.hidden_act=bogus"], 2, "is no activation transformers knows"),
+    (["run", "tiny", "decoder.overrides.tie_word_embeddings=maybe"], 2, "must be true or false"),
+    (["run", "tiny", "decoder.overrides.model_type=bogus"], 2, "cannot change the model family"),
+    (["run", "tiny", "decoder.overrides.vocab_size=1"], 2, "vocab_size must be at least 2"),
+    (["run", "tiny", "decoder.overrides.rms_norm_eps=.inf"], 2, "must be a finite number"),
+    (["run", "tiny", "encoder=timm", "reducer=prumerge", "reducer.k_nn=0"], 2, "reducer.k_nn=0 must be at least 1"),
+    (["run", "tiny", "encoder=timm", "reducer=prumerge", "reducer.iqr_factor=.nan"], 2, "reducer.iqr_factor=nan"),
+    (["run", "tiny", "encoder=timm", "encoder.keep_prefix_tokens=true", "reducer=prumerge"], 2, "needs attention"),
+    (["run", "tiny", "encoder=timm", "encoder.attention_block=99"], 2, "attention_block=99 is out of range"),
+    (["list", "badkind"], 2, "Unknown kind 'badkind'"),
+    (["show", "tiny", "encoder=nope"], 2, "Unknown encoder 'nope'"),
+]
+
+
+def _fill(args: list[str], files: dict[str, Path]) -> list[str]:
+    return [arg.format(**{key: str(value) for key, value in files.items()}) for arg in args]
+
+
+def _check_paragraph(stderr: str, phrase: str) -> None:
+    assert phrase in stderr, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().count("\n\n") == 0, f"more than one paragraph:\n{stderr}"
+
+
+@pytest.mark.parametrize("args,code,phrase", BAD_INPUT, ids=[" ".join(row[0]) for row in BAD_INPUT])
+def test_bad_input_table(args, code, phrase, files, capsys):
+    args = _fill(args, files)
+    wants_json = args[:1] == ["run"]
+    assert main(args + (["--json"] if wants_json else [])) == code
+    captured = capsys.readouterr()
+    _check_paragraph(captured.err, phrase)
+    if wants_json:
+        lines = captured.out.strip().splitlines()
+        assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {captured.out!r}"
+        record = json.loads(lines[0])
+        assert set(record) == set(empty_record()), "the full record schema, failed or not"
+        assert record["error"]["type"] and phrase in record["error"]["message"]
+    else:
+        assert captured.out == ""
+
+
+def test_the_same_table_without_json_prints_nothing_on_stdout(files, capsys):
+    for args, code, phrase in BAD_INPUT[:5]:
+        assert main(_fill(args, files)) == code
+        captured = capsys.readouterr()
+        assert captured.out == "" and phrase in captured.err
+
+
+def test_a_local_folder_with_a_presets_name_does_not_hide_it(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "tiny", "--count-only", "--json"]) == 2
+    captured = capsys.readouterr()
+    _check_paragraph(captured.err, "'tiny' is both a preset and a local path")
+    assert "./tiny" in captured.err
+    assert main(["run", "./tiny", "--count-only"]) == 2  # the folder itself, when asked for: no checkpoint there
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_flags(capsys):
+    assert main(["run", "tiny", "--count-only", "--json", "encoder.image_size=256"]) == 0
+    assert json.loads(capsys.readouterr().out)["visual_tokens"] == 16
+
+
+def test_a_plugin_selection_that_matches_nothing_is_named(capsys, monkeypatch):
+    from ablate.registry import get_registry
+
+    monkeypatch.setenv("ABLATE_PLUGINS", "nonexistent")
+    get_registry(reload=True)
+    try:
+        assert main(["run", "tiny", "--count-only"]) == 2
+        message = capsys.readouterr().err
+        assert "Only the plugins in ABLATE_PLUGINS=nonexistent were loaded" in message
+        assert "no installed plugin has that entry-point name" in get_registry().plugins["nonexistent"].error
+    finally:
+        monkeypatch.delenv("ABLATE_PLUGINS")
+        get_registry(reload=True)
+
+
+def test_list_overrides_edit_one_item(capsys):
+    assert main(["show", "tiny", "encoder.layers.0=3", "encoder.layers.-1=2"]) == 0
+    assert "- 3\n  - 1\n  - 1\n  - 1\n  - 2" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- Python API
+
+
+def test_measure_twice_in_one_process_and_state_is_restored():
+    import torch
+
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    rng = torch.random.get_rng_state()
+    records = [
+        ablate.measure("tiny", [f"encoder.image_size={size}"], repeats=1, warmup=0, threads=1) for size in (128, 192)
+    ]
+    assert [r["visual_tokens"] for r in records] == [4, 9]
+    assert all(r["error"] is None and r["run"]["threads"] == 1 for r in records)
+    assert (torch.get_num_threads(), torch.get_default_dtype()) == (threads, dtype)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_measure_raises_with_the_partial_record():
+    with pytest.raises(ConfigError) as info:
+        ablate.measure("tiny", ["encoder.image_size=100"])
+    record = info.value.record
+    assert record["error"]["type"] == "ImageSizeError" and "multiple of 64" in record["error"]["message"]
+    assert record["name"] == "tiny" and record["config"]["encoder"]["image_size"] == 100
+
+
+def test_unknown_run_option_in_python():
+    with pytest.raises(ConfigError, match="Unknown config key 'run.repets'.*Did you mean 'repeats'"):
+        ablate.measure("tiny", repets=3)
+
+
+def test_count_only_says_the_weights_were_not_checked(tmp_path):
+    weights = tmp_path / "encoder.safetensors"
+    weights.write_bytes(b"not even a safetensors file")
+    record = ablate.measure("tiny", [f"encoder.weights={weights}"], count_only=True)
+    assert any("encoder.weights exist but were not loaded or checked" in note for note in record["notes"])
+    with pytest.raises(Exception) as info:  # a timed run does read them, and says what is wrong
+        ablate.measure("tiny", [f"encoder.weights={weights}"], repeats=1, warmup=0)
+    assert "Cannot read weights" in str(info.value)
+    assert info.value.record["error"]["type"] == "CheckpointError"
+
+
+# --------------------------------------------------------------------------------- failures inside a plugin
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_a_plugin_bug_is_blamed_on_the_plugin_with_the_record_kept(tmp_path, monkeypatch):
+    """A reducer that crashes mid-run: PluginFailure naming its plugin, the traceback in a log, figures kept."""
+    from dataclasses import dataclass
+
+    from test_registry import plugin
+
+    from ablate.components import ReducerConfig, TokenReducer
+    from ablate.registry import Registry
+
+    @dataclass
+    class Config(ReducerConfig):
+        pass
+
+    class Crashing(TokenReducer):
+        """Crashes on its third call."""
+
+        name = "crashing"
+        calls = 0
+
+        def forward(self, ctx):
+            type(self).calls += 1
+            if type(self).calls > 1:  # call 1 counts FLOPs on the meta device; call 2 is the first timed one
+                raise _Boom("reducer exploded")
+            return ctx
+
+    Crashing.Config = Config
+    monkeypatch.setenv("ABLATE_LOG_DIR", str(tmp_path))
+    registry = Registry()
+    registry.load_entry_points()
+    registry.add_plugin(plugin(register_reducers=lambda register: register(Crashing)), "crashy")
+    with pytest.raises(PluginFailure) as info:
+        ablate.measure("tiny", ["reducer=crashing"], registry=registry, repeats=2, warmup=0)
+    error = info.value
+    assert error.plugin == "crashy" and error.exit_code == 1
+    assert "Plugin 'crashy' failed while timing (reducer stage)" in str(error) and "reducer exploded" in str(error)
+    log = Path(error.log)
+    assert log.parent == tmp_path and "_Boom: reducer exploded" in log.read_text() and "Traceback" in log.read_text()
+    record = error.record
+    assert record["params"]["total"] > 0 and record["flops"]["encoder"] > 0  # measured before the failure
+    assert record["error"] == {
+        "type": "PluginFailure",
+        "message": str(error),
+        "stage": "timing (reducer stage)",
+        "plugin": "crashy",
+        "log": str(log),
+    }
+
+
+CRASHING_ENCODER = '''
+from dataclasses import dataclass
+import ablate
+from ablate_plugins.encoders.fastvit import FastViTTiny
+
+class Crashing(FastViTTiny):
+    """A tiny FastViT whose forward fails."""
+    name = "crashing-encoder"
+
+    def forward(self, ctx):
+        if ctx.pixel_values.is_meta:  # counting works; the timed run fails
+            return super().forward(ctx)
+        raise ZeroDivisionError("encoder divided by zero")
+
+@ablate.hookimpl
+def register_encoders(register):
+    register(Crashing)
+'''
+
+
+def test_cli_names_the_plugin_and_hides_the_traceback_unless_debug(tmp_path):
+    env = install_plugin(tmp_path, "crashing_plugin", CRASHING_ENCODER, "crashing")
+    result = run_cli("run", "tiny", "encoder=crashing-encoder", "--repeats", "1", "--json", env=env)
+    assert result.returncode == 1
+    assert "Plugin 'crashing' failed while timing (encoder stage)" in result.stderr
+    assert "ZeroDivisionError: encoder divided by zero" in result.stderr and "Traceback" not in result.stderr
+    record = json.loads(result.stdout)
+    assert record["error"]["plugin"] == "crashing" and Path(record["error"]["log"]).is_file()
+    assert record["params"]["encoder"] > 0
+    debug = run_cli("run", "tiny", "encoder=crashing-encoder", "--repeats", "1", "--debug", env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "crashing_plugin.py" in debug.stderr
+
+
+DUPLICATE_NAME = '''
+import ablate
+from ablate_plugins.encoders.fastvit import FastViTTiny
+
+class Impostor(FastViTTiny):
+    """Claims the built-in's name."""
+    name = "fastvithd"
+
+@ablate.hookimpl
+def register_encoders(register):
+    register(Impostor)
+'''
+
+
+def test_a_third_party_plugin_cannot_take_a_builtin_name(tmp_path):
+    env = install_plugin(tmp_path, "impostor_plugin", DUPLICATE_NAME, "aaa-impostor")  # sorts before every built-in
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ablate.registry import get_registry; r = get_registry(); "
+            "print(r.plugins['aaa-impostor'].error); print(r.owner[('encoder', 'fastvithd')])",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+    error, owner = probe.stdout.strip().splitlines()
+    assert "encoder 'fastvithd' is already registered by plugin 'fastvit' (built into ablate)" in error
+    assert owner == "fastvit"
+    record = json.loads(run_cli("run", "fastvlm-0.5b", "--count-only", "--json", env=env).stdout)
+    assert record["params"]["encoder"] == 122_714_208  # the real FastViTHD, not the impostor
+
+
+# ------------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_still_prints_one_record(tmp_path):
+    """SIGINT mid-run: exit 130, one JSON object with error filled and what was measured before."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ablate.cli", "run", "tiny", "--repeats", "100000", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(15)  # imports and the tiny build take a few seconds; then it times for hours
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    record = json.loads(stdout)
+    assert record["error"]["type"] == "KeyboardInterrupt"
+    assert record["params"]["total"] > 0
+    assert "Traceback" not in stderr and "Interrupted" in stderr
