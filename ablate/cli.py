@@ -25,6 +25,7 @@ from ablate.errors import EXIT_INTERRUPTED, AblateError, ConfigError, UsageError
 _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_WIDTH)
 err = Console(stderr=True, width=_WIDTH)
+DEFAULT_DB = "results/ablate.db"  # `ablate grid`, `results` and `plot` share one store unless --db says otherwise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,25 +93,47 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.image_size=512 encoder=timm")
     run.add_argument("--json", action="store_true", help="print exactly one JSON object (the record) on stdout")
     run.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
-    # Run options: each flag sets the `run.` config key of the same name and wins over the config.
-    run.add_argument("--warmup", type=int, help="untimed repeats first (run.warmup, default 2)")
-    run.add_argument("--repeats", type=int, help="timed repeats; medians are reported (run.repeats, default 5)")
-    run.add_argument("--device", help="cpu, cuda, cuda:N (run.device, default cpu)")
-    run.add_argument(
-        "--dtype",
-        help="float32, bfloat16 or float16 for every component (run.dtype); run.dtypes.KIND=... sets one component's",
-    )
-    run.add_argument("--threads", type=int, help="torch CPU threads (run.threads; default: torch's choice)")
-    run.add_argument("--mode", help="execution mode (run.mode, default eager)")
-    run.add_argument(
-        "--count-only",
-        action="store_const",
-        const=True,
-        help="tokens, params, FLOPs on the meta device; no weights (run.count_only)",
-    )
-    run.add_argument("--image", help="a real image file instead of the synthetic one (run.image)")
-    run.add_argument("--seed", type=int, help="seed of random weights, image and prompt (run.seed, default 0)")
+    _add_run_flags(run)
+    run.add_argument("--wandb", action="store_true", help="log the run to W&B (also: `wandb: true` in the config)")
     run.set_defaults(handler=cmd_run)
+
+    grid = sub.add_parser("grid", help="run a grid of configs into a results store (sweeps: key=a,b,c)")
+    grid.add_argument("config", help="a grid file (experiments/grids/*.yaml), or any config to sweep from")
+    grid.add_argument("overrides", nargs="*", help="key=a,b,c sweeps a key; key=value sets it in every cell")
+    grid.add_argument("--db", default=DEFAULT_DB, help=f"the SQLite results store (default {DEFAULT_DB})")
+    grid.add_argument("--dry-run", action="store_true", help="list the cells (and which the store holds); run none")
+    grid.add_argument("--rerun", action="store_true", help="measure every cell again, even those the store holds")
+    grid.add_argument("--retry-failed", action="store_true", help="measure again the cells stored as failed")
+    grid.add_argument("--launcher", default="local", help="local (default), submitit (SLURM) or ray")
+    grid.add_argument("--workers", type=int, default=1, help="cells at once: local worker processes, Ray CPUs, jobs")
+    grid.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit executor parameter")
+    grid.add_argument("--name", help="the grid's name (default: the grid file's name or the config's)")
+    grid.add_argument("--wandb", action="store_true", help="one W&B run per cell and one for the grid")
+    grid.add_argument("--json", action="store_true", help="print the grid's records as JSON lines on stdout")
+    grid.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    _add_run_flags(grid)
+    grid.set_defaults(handler=cmd_grid)
+
+    results = sub.add_parser("results", help="show stored results (filters: encoder=NAME 'visual_tokens<=256' ...)")
+    results.add_argument("overrides", nargs="*", metavar="FILTER", help="PATH=VALUE (or != < <= > >=) on the record")
+    results.add_argument("--db", default=DEFAULT_DB, help=f"the SQLite results store (default {DEFAULT_DB})")
+    results.add_argument("--grid", help="only this grid's cells, in grid order (ids: see `ablate results --grids`)")
+    results.add_argument("--grids", action="store_true", help="list the grids in the store")
+    results.add_argument("--status", choices=("ok", "failed"), help="only ok or only failed cells")
+    results.add_argument("--jsonl", action="store_true", help="print one JSON record per row on stdout")
+    results.add_argument(
+        "--csv", metavar="FILE", help="write the rows as CSV, one column per record field (- for stdout)"
+    )
+    results.set_defaults(handler=cmd_results)
+
+    plot = sub.add_parser("plot", help="plot stored results as PNG and interactive HTML")
+    plot.add_argument("overrides", nargs="*", metavar="FILTER", help="PATH=VALUE filters, as for `ablate results`")
+    plot.add_argument("--db", default=DEFAULT_DB, help=f"the SQLite results store (default {DEFAULT_DB})")
+    plot.add_argument("--grid", help="only this grid's cells")
+    plot.add_argument(
+        "--out", default="results/plots", help="folder for the PNG and HTML files (default results/plots)"
+    )
+    plot.set_defaults(handler=cmd_plot)
 
     show = sub.add_parser("show", help="print the resolved config")
     show.add_argument("config")
@@ -126,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--verbose", "-v", action="store_true", help="show tracebacks of failed plugins")
     plugins.set_defaults(handler=cmd_plugins)
     return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    # Run options: each flag sets the `run.` config key of the same name and wins over the config.
+    parser.add_argument("--warmup", type=int, help="untimed repeats first (run.warmup, default 2)")
+    parser.add_argument("--repeats", type=int, help="timed repeats; medians are reported (run.repeats, default 5)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (run.device, default cpu)")
+    parser.add_argument(
+        "--dtype",
+        help="float32, bfloat16 or float16 for every component (run.dtype); run.dtypes.KIND=... sets one component's",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (run.threads; default: torch's choice)")
+    parser.add_argument("--mode", help="execution mode (run.mode, default eager)")
+    parser.add_argument(
+        "--count-only",
+        action="store_const",
+        const=True,
+        help="tokens, params, FLOPs on the meta device; no weights (run.count_only)",
+    )
+    parser.add_argument("--image", help="a real image file instead of the synthetic one (run.image)")
+    parser.add_argument("--seed", type=int, help="seed of random weights, image and prompt (run.seed, default 0)")
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -150,12 +194,49 @@ def cmd_run(args) -> int:
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        record = measure(args.config, args.overrides, progress=progress, **run_options)
+        try:
+            record = measure(args.config, args.overrides, progress=progress, **run_options)
+        except AblateError as exc:
+            failed = getattr(exc, "record", None)
+            if failed and (args.wandb or (failed["config"] or {}).get("wandb")):
+                _log_to_wandb(failed)
+            raise
+    if args.wandb or record["config"]["wandb"]:
+        _log_to_wandb(record)
     if args.json:
         print(json.dumps(record))
     else:
         print_record(record)
     return 0
+
+
+def _log_to_wandb(record: dict[str, Any]) -> None:
+    from ablate.tracking import log_record
+
+    run_id = log_record(record, name=record["name"])
+    err.print(f"W&B run {run_id} ({'failed' if record['error'] else 'finished'})", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- grids
+
+
+def cmd_grid(args) -> int:
+    from ablate.runner import grid_command
+
+    run_options = {flag: getattr(args, flag) for flag in RUN_FLAGS if getattr(args, flag) is not None}
+    return grid_command(args, run_options, out, err)
+
+
+def cmd_results(args) -> int:
+    from ablate.display import results_command
+
+    return results_command(args, out, err)
+
+
+def cmd_plot(args) -> int:
+    from ablate.plots import plot_command
+
+    return plot_command(args, err)
 
 
 def _ms(value: float | None) -> str:

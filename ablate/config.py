@@ -50,6 +50,7 @@ class Settings:
     batch_size: int = 1
     image_token_id: int | None = None  # default: the decoder's last vocabulary id
     weights: str | None = None  # a whole-VLM checkpoint directory (see ablate.from_checkpoint)
+    wandb: bool = False  # log the run to W&B (`--wandb`); not part of a grid cell's key
 
 
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(Settings))
