@@ -24,6 +24,7 @@ import ablate
 from ablate.cli import main
 from ablate.errors import ConfigError, PluginFailure
 from ablate.record import empty_record
+from ablate.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,22 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "a.yaml").write_text("base: b.yaml\n")
     (root / "b.yaml").write_text("base: a.yaml\n")
     (root / "not-an-image.png").write_text("hello")
+    grids = {
+        "grid-unknown-key": "base: tiny\nsweep: {prompt_tokens: [4, 8]}\nsweeps: {batch_size: [1, 2]}\n",
+        "grid-empty-sweep": "base: tiny\nsweep: {prompt_tokens: []}\n",
+        "grid-scalar-sweep": "base: tiny\nsweep: {prompt_tokens: 4}\n",
+        "grid-unequal-zip": "base: tiny\nzip: [{prompt_tokens: [4, 8], batch_size: [1, 2, 3]}]\n",
+        "grid-unknown-exclude": "base: tiny\nsweep: {prompt_tokens: [4, 8]}\nexclude: [{batch_size: 2}]\n",
+        "grid-ok": "base: tiny\nsweep: {prompt_tokens: [4, 8]}\n",
+        "grid-no-base": "sweep: {prompt_tokens: [4, 8]}\n",
+        "grid-twice": "base: tiny\nsweep: {prompt_tokens: [4, 8]}\nzip: [{prompt_tokens: [1, 2]}]\n",
+        "grid-all-excluded": "base: tiny\nsweep: {prompt_tokens: [4]}\nexclude: [{prompt_tokens: 4}]\n",
+        "grid-cells-not-list": "base: tiny\ncells: {prompt_tokens: 4}\n",
+    }
+    for name, text in grids.items():
+        (root / f"{name}.yaml").write_text(text)
+    (root / "not-a-db.db").write_text("this is not SQLite")
+    Store(root / "x.db").close()  # an empty results store
     return {"root": root, "list_checkpoint": list_checkpoint, "huge": huge}
 
 
@@ -122,6 +139,36 @@ BAD_INPUT = [
     (["run", "tiny", "encoder=timm", "reducer=prumerge", "reducer.iqr_factor=.nan"], 2, "reducer.iqr_factor=nan"),
     (["run", "tiny", "encoder=timm", "encoder.keep_prefix_tokens=true", "reducer=prumerge"], 2, "needs attention"),
     (["run", "tiny", "encoder=timm", "encoder.attention_block=99"], 2, "attention_block=99 is out of range"),
+    (["grid", "{root}/grid-unknown-key.yaml"], 2, "Unknown key 'sweeps' in grid file"),
+    (["grid", "{root}/grid-empty-sweep.yaml"], 2, "'prompt_tokens' is an empty list"),
+    (["grid", "{root}/grid-scalar-sweep.yaml"], 2, "must be a list of values, not 4"),
+    (["grid", "{root}/grid-unequal-zip.yaml"], 2, "zips lists of unequal length (prompt_tokens: 2, batch_size: 3)"),
+    (["grid", "{root}/grid-unknown-exclude.yaml"], 2, "exclude[0] names 'batch_size', which no cell varies"),
+    (["grid", "{root}/grid-no-base.yaml"], 2, "needs `base:`"),
+    (["grid", "{root}/grid-twice.yaml"], 2, "Key 'prompt_tokens' is varied twice"),
+    (["grid", "{root}/grid-all-excluded.yaml"], 2, "is excluded: loosen `exclude:`"),
+    (["grid", "{root}/grid-cells-not-list.yaml"], 2, "`cells:` must be a non-empty list of mappings"),
+    (["grid", "{root}/grid-ok.yaml", "prompt_tokens=1"], 2, "is set on the command line but varied in"),
+    (["grid", "tiny", "prompt_tokens=4,,8"], 2, "has an empty value between commas"),
+    (["grid", "tiny", "prompt_tokens=4,8", "prompt_tokens=1,2"], 2, "is given twice on the command line"),
+    (["grid", "tiny", "encoder.imagesize=128,192"], 2, "No cell of grid 'tiny' has a valid config"),
+    (["grid", "tiny", "prompt_tokens=4,8", "--repeats", "0"], 2, "run.repeats (--repeats) must be at least 1"),
+    (["grid", "tini", "prompt_tokens=4,8"], 2, "Did you mean 'tiny'"),
+    (
+        ["grid", "tiny", "prompt_tokens=4,8", "--launcher", "slurm", "--db", "{root}/x.db"],
+        2,
+        "Unknown launcher 'slurm'",
+    ),
+    (["grid", "tiny", "prompt_tokens=4,8", "--workers", "0", "--db", "{root}/x.db"], 2, "--workers must be at least 1"),
+    (["grid", "tiny", "prompt_tokens=4,8", "--slurm", "partition", "--db", "{root}/x.db"], 2, "give KEY=VALUE"),
+    (["grid", "tiny", "prompt_tokens=4,8", "--db", "{root}"], 2, "is a folder; give a file path"),
+    (["grid", "tiny", "prompt_tokens=4,8", "--db", "{root}/not-a-db.db"], 2, "is not an ablate results store"),
+    (["results", "--db", "{root}/missing.db"], 2, "No results store at"),
+    (["results", "--db", "{root}/not-a-db.db"], 2, "is not an ablate results store"),
+    (["results", "--db", "{root}/x.db", "--grid", "nope"], 2, "Grid 'nope' is not in"),
+    (["results", "--db", "{root}/x.db", "visual_tokens~4"], 2, "is not PATH=VALUE"),
+    (["plot", "--db", "{root}/missing.db"], 2, "No results store at"),
+    (["plot", "--db", "{root}/x.db", "--out", "{root}/plots"], 2, "No rows to plot"),
     (["list", "badkind"], 2, "Unknown kind 'badkind'"),
     (["show", "tiny", "encoder=nope"], 2, "Unknown encoder 'nope'"),
 ]
@@ -140,7 +187,7 @@ def _check_paragraph(stderr: str, phrase: str) -> None:
 @pytest.mark.parametrize("args,code,phrase", BAD_INPUT, ids=[" ".join(row[0]) for row in BAD_INPUT])
 def test_bad_input_table(args, code, phrase, files, capsys):
     args = _fill(args, files)
-    wants_json = args[:1] == ["run"]
+    wants_json = args[:1] in (["run"], ["grid"])
     assert main(args + (["--json"] if wants_json else [])) == code
     captured = capsys.readouterr()
     _check_paragraph(captured.err, phrase)
