@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -81,7 +82,7 @@ def _report(exc: BaseException, message: str, wants_json: bool, debug: bool) -> 
     if debug:
         original = exc.__cause__ or exc
         err.print("".join(traceback.format_exception(original)), highlight=False, markup=False)
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # `ablate[plot]` is text
 
 
 def build_parser() -> argparse.ArgumentParser:

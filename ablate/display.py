@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -82,7 +83,7 @@ class GridDisplay:
         self.grid, self.total, self.start = grid, todo, time.perf_counter()
         where = f"{launcher}" + (f", {workers} workers" if workers > 1 else "")
         self.console.print(
-            f"grid [bold]{grid.id}[/]: {len(grid.cells)} cells, {skipped} already in the store, {todo} to run ({where})",
+            f"grid [bold]{escape(grid.id)}[/]: {len(grid.cells)} cells, {skipped} already in the store, {todo} to run ({where})",
             highlight=False,
         )
         if self.console.is_terminal and todo:
@@ -154,7 +155,7 @@ def extra_columns(records: Iterable[dict[str, Any]]) -> list[str]:
 def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key: bool = False) -> Table:
     """One line per stored row: its cell, status and figures (count-only and failed rows show '-')."""
     extras = extra_columns(row.record for row in rows)
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     columns = ["#"] + (["key"] if show_key else []) + ["cell", "status", "visual tok", "TTFT ms", "encoder ms"]
     columns += ["prefill ms", "GFLOPs", "params M", "peak MB", *extras, "error"]
     for column in columns:
@@ -164,7 +165,7 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
         status = "failed" if error else "ok"
         if row.key in skipped:
             status += " (stored)"
-        cells = [str(index)] + ([row.key[:10]] if show_key else []) + [row.label or record.get("name") or "-"]
+        cells = [str(index)] + ([row.key[:10]] if show_key else []) + [escape(row.label or record.get("name") or "-")]
         cells += [
             f"[red]{status}[/]" if error else status,
             _num(record.get("visual_tokens")),
@@ -175,7 +176,7 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
             _num(_get(record, "params", "total"), 1e6, 1),
             _num(record.get("peak_memory_mb")),
             *[_num(record.get(key), digits=3) for key in extras],
-            f"{error.get('type')}: {_first_line(error.get('message'), 90)}" if isinstance(error, dict) else "",
+            escape(f"{error.get('type')}: {_first_line(error.get('message'), 90)}") if isinstance(error, dict) else "",
         ]
         table.add_row(*cells)
     return table
@@ -199,7 +200,7 @@ def results_command(args, out: Console, err: Console) -> int:
                 members = list(store.wandb_runs(grid_id))
                 status = store.status(members)
                 failed = sum(1 for value in status.values() if value == "failed")
-                table.add_row(grid_id, str(len(members)), str(len(status)), str(failed))
+                table.add_row(escape(grid_id), str(len(members)), str(len(status)), str(failed))
             out.print(table)
             return 0
         rows = store.rows(grid=args.grid, filters=args.overrides, status=args.status)
@@ -209,7 +210,7 @@ def results_command(args, out: Console, err: Console) -> int:
         else:
             with open(args.csv, "w", newline="") as handle:
                 write_csv(rows, handle)
-            err.print(f"wrote {len(rows)} rows to {args.csv}", highlight=False)
+            err.print(f"wrote {len(rows)} rows to {args.csv}", highlight=False, markup=False)
     if args.jsonl:
         for row in rows:
             print(json.dumps(row.record))

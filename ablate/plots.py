@@ -292,7 +292,7 @@ def plot_command(args, err) -> int:
         rows = store.rows(grid=args.grid, filters=args.overrides)
     files, notes = write_plots([row.record for row in rows], args.out)
     for path in files:
-        err.print(f"wrote {path}", highlight=False)
+        err.print(f"wrote {path}", highlight=False, markup=False)
     for note in notes:
-        err.print(f"skipped {note}", highlight=False)
+        err.print(f"skipped {note}", highlight=False, markup=False)
     return 0

@@ -296,18 +296,21 @@ def _slurm_params(items: list[str]) -> dict[str, Any]:
 
 
 def dry_run(grid: Grid, db: Path, out) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     status = {}
     if db.is_file():
         with Store(db) as store:
             status = store.status(cell.key for cell in grid.cells)
-    table = Table(title=f"grid {grid.id}: {len(grid.cells)} cells (dry run: nothing runs)", title_justify="left")
+    table = Table(
+        title=escape(f"grid {grid.id}: {len(grid.cells)} cells (dry run: nothing runs)"), title_justify="left"
+    )
     for column in ("#", "cell", "key", "in the store", "note"):
         table.add_column(column)
     for index, cell in enumerate(grid.cells, 1):
         note = f"will fail: {cell.error}" if cell.error else ""
-        table.add_row(str(index), cell.label, cell.key[:10], status.get(cell.key, "-"), note)
+        table.add_row(str(index), escape(cell.label), cell.key[:10], status.get(cell.key, "-"), escape(note))
     out.print(table)
     todo = sum(1 for cell in grid.cells if cell.key not in status)
     dropped = []
@@ -318,6 +321,7 @@ def dry_run(grid: Grid, db: Path, out) -> int:
     out.print(
         f"{todo} to run, {len(grid.cells) - todo} already in {db}" + (f" ({', '.join(dropped)})" if dropped else ""),
         highlight=False,
+        markup=False,
     )
     return 0
 
@@ -325,6 +329,8 @@ def dry_run(grid: Grid, db: Path, out) -> int:
 def grid_command(args, run_options: dict[str, Any], out, err) -> int:
     """`ablate grid`: expand, run what the store lacks, log to W&B, print the summary; 1 if any cell failed."""
     import json
+
+    from rich.markup import escape
 
     from ablate.display import GridDisplay, rows_table
     from ablate.grid import load_grid
@@ -363,6 +369,7 @@ def grid_command(args, run_options: dict[str, Any], out, err) -> int:
         f"{len(grid.cells)} cells: {len(outcome.measured)} measured now, {len(outcome.skipped)} from the store, "
         f"{len(failed)} failed. Results: `ablate results --db {db} --grid {grid.id}`",
         highlight=False,
+        markup=False,
     )
     problems = []
     labels = {cell.key: cell.label for cell in grid.cells}
@@ -381,7 +388,7 @@ def grid_command(args, run_options: dict[str, Any], out, err) -> int:
             + ". Run the grid again to measure them."
         )
     if problems:
-        err.print(f"[bold red]error:[/] {' '.join(problems)}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(' '.join(problems))}", highlight=False, soft_wrap=True)
         return 1
     return 0
 
@@ -433,4 +440,6 @@ class _Tracker:
             except ConfigError as exc:  # no plotting libraries, or nothing timed to plot
                 note = str(exc)
             run_id = log_grid(self.grid.id, self.grid.spec, rows, files, note)
-        err.print(f"W&B: {len(rows)} cell runs and grid run {run_id}, group {self.grid.id}", highlight=False)
+        err.print(
+            f"W&B: {len(rows)} cell runs and grid run {run_id}, group {self.grid.id}", highlight=False, markup=False
+        )

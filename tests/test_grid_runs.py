@@ -142,3 +142,17 @@ def test_a_grid_killed_with_sigkill_resumes_with_one_row_per_cell(tmp_path):
     assert len(keys) == len(set(keys)) == 12
     grid = load_grid("tiny", args[2:4], {"repeats": 2, "warmup": 0})
     assert set(keys) == {cell.key for cell in grid.cells}
+
+
+def test_labels_and_errors_print_as_written(capsys):
+    """Values with brackets (list overrides, `ablate[plot]`) are text, not rich markup."""
+    from rich.console import Console
+
+    from ablate.display import rows_table
+    from ablate.store import Row
+
+    failed = {**empty_record(), "error": {"type": "ConfigError", "message": "install 'ablate[plot]'"}}
+    console = Console(record=True, width=300)
+    console.print(rows_table([Row("k", "failed", "encoder.token_mixers=[repmixer,attention]", failed)], "[t]"))
+    text = console.export_text()
+    assert "encoder.token_mixers=[repmixer,attention]" in text and "ablate[plot]" in text and "[t]" in text
