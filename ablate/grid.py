@@ -163,7 +163,7 @@ def find_grid_source(source: str, registry: Registry | None = None) -> str:
     names = sorted(grids) + sorted(preset_files(registry))
     raise ConfigError(
         f"'{source}' is neither a grid, a preset nor a file.{did_you_mean(source, names)} Grids: "
-        f"{', '.join(sorted(grids)) or 'none'}; presets: {', '.join(sorted(preset_files(registry)))} (`ablate list "
+        f"{', '.join(sorted(grids)) or '(none)'}; presets: {', '.join(sorted(preset_files(registry)))} (`ablate list "
         f"presets`). Give a grid file, a config or a preset name."
     )
 
@@ -231,6 +231,14 @@ class _Axes:
         return cells
 
 
+def _stem(source: str) -> str:
+    """'experiments/fastvlm-0.5b.yaml' or 'fastvlm-0.5b' -> 'fastvlm-0.5b' (Path.stem would cut at '.5b')."""
+    name = Path(source.rstrip("/")).name
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    return name or "grid"
+
+
 def _read_grid_file(path: Path) -> dict[str, Any]:
     data = read_yaml(path)
     for key in data:
@@ -270,10 +278,10 @@ def load_grid(
     if is_grid_file(source):
         path = Path(source)
         data = _read_grid_file(path)
-        name = name or data.get("name") or path.stem
+        name = name or data.get("name") or _stem(source)
     else:
         data = {"base": source}
-        name = name or Path(source).stem or "grid"
+        name = name or _stem(source)
     axes = _Axes()
     sweep = (
         dict(_mapping(data["sweep"], "`sweep:`", "sweep: {encoder.image_size: [256, 512]}")) if "sweep" in data else {}

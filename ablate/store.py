@@ -226,7 +226,7 @@ class Store:
                 names = self.grid_ids()
                 raise ConfigError(
                     f"Grid '{grid}' is not in {self.path}.{did_you_mean(grid, names)} Grids there: "
-                    f"{', '.join(names) or 'none'}."
+                    f"{', '.join(names) or '(none)'}."
                 )
             where.append("m.grid = ?")
             params.append(grid)
@@ -295,6 +295,6 @@ class Store:
                 pass
         leaf = path.rpartition(".")[2]
         raise ConfigError(
-            f"No row has '{path}'.{did_you_mean(leaf, keys)} Keys there: {', '.join(sorted(keys)) or 'none'}. A "
+            f"No row has '{path}'.{did_you_mean(leaf, keys)} Keys there: {', '.join(sorted(keys)) or '(none)'}. A "
             f"filter is a dotted path into the record, or encoder/reducer/connector/decoder for the config's parts."
         )

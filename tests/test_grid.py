@@ -38,6 +38,7 @@ def test_command_line_sweeps_are_a_cartesian_product_in_order():
     ]
     assert len({cell.key for cell in grid.cells}) == 6 and not any(cell.error for cell in grid.cells)
     assert grid.name == "tiny" and grid.id.startswith("tiny-")
+    assert load_grid("fastvlm-0.5b", ["prompt_tokens=4,8"], {"count_only": True}).name == "fastvlm-0.5b"
 
 
 def test_a_cell_key_is_the_hash_of_its_resolved_config_run_section_included():

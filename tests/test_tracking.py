@@ -38,6 +38,9 @@ def read_run(run_file: Path) -> dict:
 
 def offline_runs(folder: Path) -> list[dict]:
     """Each offline run: its group, job type, name, config, summary and exit code."""
+    import wandb
+
+    wandb.teardown()  # waits for W&B's service to write out everything it holds
     runs = []
     for run_file in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
         records = read_run(run_file)
