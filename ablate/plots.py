@@ -77,7 +77,7 @@ def resolution(record: dict[str, Any]) -> int | None:
 
 
 def title_context(records: list[dict[str, Any]]) -> str:
-    """'cpu (Intel Xeon ...), float32, eager' from the records (every distinct value, if they differ)."""
+    """'cpu (Intel Xeon ...), float32, mode eager, 1 thread' from the records (every distinct value, if they differ)."""
 
     def distinct(values):
         return " / ".join(dict.fromkeys(str(value) for value in values if value is not None)) or "?"
@@ -87,7 +87,8 @@ def title_context(records: list[dict[str, Any]]) -> str:
     )
     dtypes = distinct((r.get("run") or {}).get("dtype") for r in records)
     modes = distinct((r.get("run") or {}).get("mode") for r in records)
-    return f"{devices}, {dtypes}, mode {modes}"
+    threads = distinct((r.get("run") or {}).get("threads") for r in records)
+    return f"{devices}, {dtypes}, mode {modes}, {threads} CPU threads"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
