@@ -358,3 +358,68 @@ def test_encoder_attention_lines_up_with_the_tokens_it_scores():
     with torch.no_grad():
         out = vlm.encode(vlm.start(torch.rand(1, 3, 256, 256), vlm.make_prompt(2)))
     assert out.attention.queries.shape[2] == out.num_tokens == 16 and out.attention.num_prefix_tokens == 0
+
+
+# ------------------------------------------------------------------------------------------------- the record
+
+
+def test_data_dependent_counts_come_from_the_measured_image():
+    """Adaptive PruMerge: count-only leaves its counts open; a timed run recounts the reducer and the prefill on the
+    real image, and its prefill FLOPs equal those of a fixed budget with the same token count."""
+    overrides = ["encoder.image_size=256", "reducer=prumerge", "reducer.score=attention_received"]
+    counted = ablate.measure("tiny", overrides, count_only=True)
+    assert counted["visual_tokens"] is None and counted["flops"]["reducer"] is None
+    assert any("depends on the image" in note for note in counted["notes"])
+    timed = ablate.measure("tiny", overrides, repeats=1, warmup=0, threads=1)
+    kept = timed["visual_tokens"]
+    assert 2 <= kept < 16 and timed["tokens"]["reducer"] == kept and timed["flops"]["reducer"] > 0
+    fixed = ablate.measure("tiny", [*overrides, f"reducer.tokens={kept}"], count_only=True)
+    assert timed["flops"]["prefill"] == fixed["flops"]["prefill"] and timed["latency_ms"]["reducer"] > 0
+
+
+def test_a_reducer_that_leaves_the_llm_input_unchanged_is_flagged():
+    unchanged = ablate.measure("tiny", ["reducer=matryoshka"], count_only=True)
+    assert "reducer 'matryoshka' leaves the LLM input unchanged: 4 visual tokens in and out." in unchanged["notes"]
+    for overrides in (["reducer=none"], ["reducer=avgpool"]):
+        record = ablate.measure("tiny", overrides, count_only=True)
+        assert not any("unchanged" in note for note in record["notes"]), overrides
+
+
+def test_fidelity_is_in_the_record_when_asked_for(tmp_path):
+    from conftest import run_json
+
+    record = run_json("tiny", "reducer=avgpool", "--repeats", "1", "--warmup", "0", "--threads", "1", "--fidelity")
+    fidelity = record["fidelity"]
+    assert set(fidelity) == {"top1_agreement", "kl", "rows", "reference"} and fidelity["kl"] > 0
+    assert record["config"]["run"]["fidelity"] is True
+    assert ablate.measure("tiny", repeats=1, warmup=0, threads=1)["fidelity"] is None
+
+
+def test_plain_downsampling_baseline_gives_the_same_count():
+    from ablate.baselines import downsampled, image_size_for_tokens
+
+    vit = ["encoder=timm", "encoder.model_name=vit_large_patch14_clip_336", "encoder.feature_block=22"]
+    assert image_size_for_tokens("tiny", 64, vit) == 112
+    assert downsampled("tiny", 16, ["encoder=fastvithd", "reducer=prumerge"]) == [
+        "encoder=fastvithd",
+        "reducer=prumerge",
+        "reducer=none",
+        "encoder.image_size=256",
+    ]
+    with pytest.raises(ConfigError, match="square token count"):
+        image_size_for_tokens("tiny", 10, ["encoder=fastvithd"])
+
+
+def test_fastvit_attention_is_its_last_blocks_qkv():
+    vlm = ablate.build("tiny", ["encoder.image_size=256", "reducer=prumerge", "reducer.score=mean_query"])
+    block = vlm.encoder.model.stages[-1].blocks[-1]
+    inputs = {}
+    handle = block.token_mixer.register_forward_pre_hook(lambda module, args: inputs.update(x=args[0]))
+    with torch.no_grad():
+        out = vlm.encode(vlm.start(torch.rand(2, 3, 256, 256), vlm.make_prompt(2, 2)))
+        qkv = block.token_mixer.qkv(inputs["x"].flatten(2).transpose(1, 2))
+    handle.remove()
+    heads = block.token_mixer.num_heads
+    q, k = (qkv[..., i * 64 : (i + 1) * 64].unflatten(-1, (heads, -1)).transpose(1, 2) for i in (0, 1))
+    torch.testing.assert_close(out.attention.queries, q)
+    torch.testing.assert_close(out.attention.keys, k)
