@@ -40,7 +40,13 @@ def cells(encoder: str, budget: int) -> dict[str, list[str]]:
         "matryoshka": [*overrides, "reducer=matryoshka", *pooled],
         "prumerge": [*overrides, "reducer=prumerge", f"reducer.tokens={budget}", f"reducer.score={score}"],
         "prumerge-plus": [*overrides, "reducer=prumerge-plus", f"reducer.tokens={budget}", f"reducer.score={score}"],
-        "visionzip": [*overrides, *visionzip, "reducer=visionzip", f"reducer.tokens={budget}", f"reducer.score={score}"],
+        "visionzip": [
+            *overrides,
+            *visionzip,
+            "reducer=visionzip",
+            f"reducer.tokens={budget}",
+            f"reducer.score={score}",
+        ],
         "random": [*overrides, "reducer=random", f"reducer.tokens={budget}"],
         "fastv (K=2)": [*overrides, "reducer=fastv", "reducer.layer=2", f"reducer.tokens={budget}"],
         "downsample": downsampled(PRESET, budget, overrides),
@@ -76,12 +82,16 @@ def main() -> None:
     args = parser.parse_args()
     options = dict(repeats=args.repeats, warmup=args.warmup, threads=args.threads)
 
-    print("| encoder | reducer | target | LLM visual tokens | encoder ms | reducer ms | connector ms | prefill ms | TTFT ms | note | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["encoder", "reducer", "target", "LLM visual tokens", "encoder ms", "reducer ms", "connector ms"]
+    columns += ["prefill ms", "TTFT ms", "note", "wall s"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for encoder in args.encoders:
         overrides = ENCODERS[encoder][0]
         plan = [("none", "-", overrides + ["reducer=none"])]
-        plan.append(("prumerge (adaptive)", "IQR", [*overrides, "reducer=prumerge", f"reducer.score={ENCODERS[encoder][2]}"]))
+        plan.append(
+            ("prumerge (adaptive)", "IQR", [*overrides, "reducer=prumerge", f"reducer.score={ENCODERS[encoder][2]}"])
+        )
         plan += [(name, str(budget), cell) for budget in args.budgets for name, cell in cells(encoder, budget).items()]
         for name, target, cell in plan:
             if args.reducers and name not in args.reducers:
