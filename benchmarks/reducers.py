@@ -5,6 +5,7 @@ connector), so the figures are the toolkit's own: stage medians and one-call TTF
 `--jsonl` keeps the records. Counts that pooling cannot reach on a grid use adaptive pooling (marked).
 
     python benchmarks/reducers.py --repeats 3 --warmup 1 --threads 2 --jsonl reducers.jsonl
+    python benchmarks/reducers.py --budgets 64 --reducers prumerge visionzip   # a few cells
 """
 
 from __future__ import annotations
@@ -86,26 +87,31 @@ def main() -> None:
     columns += ["prefill ms", "TTFT ms", "note", "wall s"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
+    # The unreduced models first, then budget by budget with both encoders side by side, so that a run cut short
+    # still compares like with like; the released (adaptive) PruMerge last.
+    plan = [(encoder, "none", "-", [*ENCODERS[encoder][0], "reducer=none"]) for encoder in args.encoders]
+    plan += [
+        (encoder, name, str(budget), cell)
+        for budget in args.budgets
+        for encoder in args.encoders
+        for name, cell in cells(encoder, budget).items()
+    ]
     for encoder in args.encoders:
-        overrides = ENCODERS[encoder][0]
-        plan = [("none", "-", overrides + ["reducer=none"])]
-        plan.append(
-            ("prumerge (adaptive)", "IQR", [*overrides, "reducer=prumerge", f"reducer.score={ENCODERS[encoder][2]}"])
-        )
-        plan += [(name, str(budget), cell) for budget in args.budgets for name, cell in cells(encoder, budget).items()]
-        for name, target, cell in plan:
-            if args.reducers and name not in args.reducers:
-                continue
-            start = time.perf_counter()
-            try:
-                record = ablate.measure(PRESET, cell, **options)
-            except AblateError as error:
-                print(f"| {encoder} | {name} | {target} | error: {error} |", flush=True)
-                continue
-            print(row(encoder, name, target, record, time.perf_counter() - start), flush=True)
-            if args.jsonl:
-                with open(args.jsonl, "a") as out:
-                    out.write(json.dumps({"encoder": encoder, "reducer": name, "target": target, **record}) + "\n")
+        overrides, score = ENCODERS[encoder][0], ENCODERS[encoder][2]
+        plan.append((encoder, "prumerge (adaptive)", "IQR", [*overrides, "reducer=prumerge", f"reducer.score={score}"]))
+    for encoder, name, target, cell in plan:
+        if args.reducers and name not in args.reducers:
+            continue
+        start = time.perf_counter()
+        try:
+            record = ablate.measure(PRESET, cell, **options)
+        except AblateError as error:
+            print(f"| {encoder} | {name} | {target} | error: {error} |", flush=True)
+            continue
+        print(row(encoder, name, target, record, time.perf_counter() - start), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as out:
+                out.write(json.dumps({"encoder": encoder, "reducer": name, "target": target, **record}) + "\n")
     print(f"# {sys.argv[0]}: medians of {args.repeats} repeats after {args.warmup} warm-up, {args.threads} threads")
 
 

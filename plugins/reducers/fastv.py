@@ -71,7 +71,8 @@ class FastV(TokenReducer):
     def notes(self) -> list[str]:
         return [
             f"reducer '{self.name}' scores visual tokens by the attention the last position pays them in LLM layer "
-            f"{self.config.layer - 1}, computed from that layer's queries and keys beside its SDPA kernel."
+            f"{self.config.layer - 1}, computed from that layer's queries and keys beside its own attention kernel "
+            f"(SDPA unless decoder.attn_implementation says otherwise)."
         ]
 
     def forward(self, ctx: StageContext) -> StageContext:
