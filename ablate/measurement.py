@@ -99,6 +99,8 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
             _reducer_notes(record, meta_vlm, vision_out)
             record["image"] = image_entry(options.image, image)
             record["notes"].append("count-only: nothing was timed and no weights were allocated.")
+            if options.fidelity:
+                record["notes"].append("count-only: fidelity needs a real run (run.fidelity was not measured).")
             if record["visual_tokens"] is None:
                 record["notes"].append(
                     f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: its "

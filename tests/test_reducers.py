@@ -393,6 +393,8 @@ def test_fidelity_is_in_the_record_when_asked_for(tmp_path):
     assert set(fidelity) == {"top1_agreement", "kl", "rows", "reference"} and fidelity["kl"] > 0
     assert record["config"]["run"]["fidelity"] is True
     assert ablate.measure("tiny", repeats=1, warmup=0, threads=1)["fidelity"] is None
+    counted = ablate.measure("tiny", count_only=True, fidelity=True)
+    assert counted["fidelity"] is None and any("fidelity needs a real run" in note for note in counted["notes"])
 
 
 def test_plain_downsampling_baseline_gives_the_same_count():
