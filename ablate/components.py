@@ -291,8 +291,8 @@ class TokenReducer(Component):
     def check_pipeline(self, encoder: VisionEncoder, connector: Connector, decoder: Decoder) -> None:
         """Raise IncompatibleComponentsError or ConfigError, naming the options, when this reducer cannot run with
         these components (a budget the grid cannot give, a score the encoder cannot give, a decoder layer that does
-        not exist). Called by `ablate.build` after the generic checks (`requires`, `needs_grid`), before anything
-        runs; the components may be on the meta device."""
+        not exist). Called by `ablate.build` before the generic checks (`requires`, `needs_grid`), so that its message
+        wins, and before anything runs; the components may be on the meta device."""
 
     def input_layout(self, encoder: VisionEncoder, connector: Connector) -> TokenLayout:
         """The layout this reducer receives: the encoder's, or the connector's output when it sits after it."""
