@@ -171,11 +171,17 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image", help="a real image file instead of the synthetic one (run.image)")
     parser.add_argument("--seed", type=int, help="seed of random weights, image and prompt (run.seed, default 0)")
+    parser.add_argument(
+        "--fidelity",
+        action="store_const",
+        const=True,
+        help="first-token top-1 agreement and KL against the model without its reducer (run.fidelity)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- run
 
-RUN_FLAGS = ("warmup", "repeats", "device", "dtype", "threads", "mode", "count_only", "image", "seed")
+RUN_FLAGS = ("warmup", "repeats", "device", "dtype", "threads", "mode", "count_only", "image", "seed", "fidelity")
 
 
 def cmd_run(args) -> int:
@@ -299,6 +305,12 @@ def print_record(record: dict[str, Any]) -> None:
         out.print(
             f"stage sum vs TTFT: {gap:+.1f}%   peak memory: {record['peak_memory_mb']:,.0f} MB   "
             f"medians of {run['repeats']} repeats after {run['warmup']} warm-up"
+        )
+    fidelity = record.get("fidelity")
+    if fidelity:
+        out.print(
+            f"fidelity vs the model without its reducer: top-1 agreement {fidelity['top1_agreement']:.3f}, "
+            f"KL {fidelity['kl']:.4g} nats ({fidelity['rows']} rows)"
         )
     for note in record["notes"]:
         out.print(f"note: {note}", highlight=False)

@@ -14,7 +14,7 @@ what they own; the VLM hands it on. Plugins import only this module, `ablate.err
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -32,6 +32,8 @@ CLS = "cls"  # StageContext.cls: the encoder's class token
 ATTENTION = "attention"  # StageContext.attention: queries and keys of one attention layer, per head
 TEXT = "text"  # StageContext.text_embeds: the prompt's token embeddings (the VLM provides it from the decoder)
 WELL_KNOWN_EXTRAS = frozenset({CLS, ATTENTION, TEXT})
+# ctx.extras key of a `DecoderPruning`: a reducer's order to drop visual tokens inside the decoder's prefill.
+DECODER_PRUNING = "decoder_pruning"
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -189,6 +191,11 @@ class Component(nn.Module):
         """
         load_state_dict_strict(self, read_tensors(path), f"{self.name} (weights={path})")
 
+    def notes(self) -> list[str]:
+        """What a reader of the record must know about how this component runs as built (e.g. a slower attention
+        path it needed, or where it reads attention from). Copied into `record["notes"]`."""
+        return []
+
 
 # ---------------------------------------------------------------------------------------------- encoder
 
@@ -263,15 +270,34 @@ def check_multiple(encoder_name: str, image_size: int, multiple: int, key: str =
 
 
 class TokenReducer(Component):
-    """Base class of token reducers: a StageContext with N tokens -> one with fewer (same width)."""
+    """Base class of token reducers: a StageContext with N tokens -> one with fewer (same width).
+
+    A reducer with a budget takes `tokens` in its Config: the number of visual tokens the LLM receives (summary
+    tokens included). A reducer that acts inside the LLM (FastV) leaves the tokens as they are and puts a
+    `DecoderPruning` in `ctx.extras[DECODER_PRUNING]`; the VLM hands it to `Decoder.prefill_pruned`.
+    """
 
     Config: ClassVar[type[ReducerConfig]] = ReducerConfig
-    requires: ClassVar[frozenset[str]] = frozenset()  # extras it needs (CLS, ATTENTION, TEXT, or plugin-defined)
+    # Extras it needs (CLS, ATTENTION, TEXT, or plugin-defined). May be a property when it depends on the config.
+    requires: ClassVar[frozenset[str]] = frozenset()
     needs_grid: ClassVar[bool] = False  # True: the input must be one 2-D grid
+    passthrough: ClassVar[bool] = False  # True only for the identity (no note that it leaves the LLM input as is)
+    prunes_in_decoder: ClassVar[bool] = False  # True: it sends a DecoderPruning; the decoder must support it
 
     def output_layout(self, layout: TokenLayout) -> TokenLayout | None:
         """The layout out for `layout` in; None when the count depends on the image (adaptive methods)."""
         return layout
+
+    def check_pipeline(self, encoder: VisionEncoder, connector: Connector, decoder: Decoder) -> None:
+        """Raise IncompatibleComponentsError or ConfigError, naming the options, when this reducer cannot run with
+        these components (a budget the grid cannot give, a score the encoder cannot give, a decoder layer that does
+        not exist). Called by `ablate.build` before the generic checks (`requires`, `needs_grid`), so that its message
+        wins, and before anything runs; the components may be on the meta device."""
+
+    def input_layout(self, encoder: VisionEncoder, connector: Connector) -> TokenLayout:
+        """The layout this reducer receives: the encoder's, or the connector's output when it sits after it."""
+        layout = encoder.output_layout()
+        return connector.output_layout(layout) if self.config.position == "after_connector" else layout
 
     def forward(self, ctx: StageContext) -> StageContext:  # pragma: no cover - interface
         raise NotImplementedError
@@ -316,15 +342,36 @@ class DecoderOutput:
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (visual tokens, prompts), as in transformers
 
 
+@dataclass(frozen=True)
+class DecoderPruning:
+    """A reducer's order to drop visual tokens inside the decoder's prefill (FastV): see `Decoder.prefill_pruned`.
+
+    layer:  layers [0, layer) run over every token; layers [layer, L) over the text and the kept visual tokens.
+    keep:   how many visual tokens each row keeps (known before the decoder runs, for token and FLOP counts).
+    select: (B, heads, N) attention probabilities that the N visual tokens receive from the last position in layer
+            `layer - 1` -> (B, keep) indices of the visual tokens to keep, each row sorted ascending.
+    """
+
+    layer: int
+    keep: int
+    select: Callable[[torch.Tensor], torch.Tensor]
+
+
 class Decoder(Component):
-    """Base class of LLM decoders: embed token ids; run from `inputs_embeds` to logits (and a loss, for training)."""
+    """Base class of LLM decoders: embed token ids; run from `inputs_embeds` to logits (and a loss, for training).
+
+    A decoder that can drop visual tokens inside its prefill (for in-LLM reducers such as FastV) sets
+    `prunes_in_prefill = True` and implements `prefill_pruned`; the default prefill path stays as it is.
+    """
 
     Config: ClassVar[type[DecoderConfig]] = DecoderConfig
+    prunes_in_prefill: ClassVar[bool] = False
 
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
         self.hidden_size: int = 0
         self.vocab_size: int = 0
+        self.num_layers: int = 0  # transformer layers (0: not known); in-LLM reducers check their layer against it
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -341,6 +388,25 @@ class Decoder(Component):
 
         Default (prefill): the first generated token's logits (B, vocab), writing the KV cache as generation would.
         `all_logits=True`: (B, T, vocab). `labels` (B, T): also the loss, with all logits (training).
+        """
+        raise NotImplementedError
+
+    def prefill_pruned(
+        self,
+        inputs_embeds: torch.Tensor,
+        visual_positions: torch.Tensor,
+        pruning: DecoderPruning,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> DecoderOutput:  # pragma: no cover - interface
+        """The prefill (first-token logits, KV cache written) with visual tokens dropped after `pruning.layer` layers.
+
+        visual_positions: (B, N) where each row's N visual tokens sit in `inputs_embeds` (the VLM's splice knows).
+        After layer `pruning.layer - 1`, the decoder computes the attention probabilities that the visual tokens
+        receive from the last position in that layer, per head, (B, heads, N), without changing the attention
+        kernel the layer runs on; `pruning.select` picks the kept ones. The remaining layers run on the text and
+        the kept visual tokens, which keep their original position ids (RoPE). Only decoders with
+        `prunes_in_prefill = True` implement it.
         """
         raise NotImplementedError
 
@@ -400,6 +466,7 @@ __all__ = [
     "ATTENTION",
     "CLS",
     "COMPONENT_BASES",
+    "DECODER_PRUNING",
     "IGNORE_INDEX",
     "TEXT",
     "WELL_KNOWN_EXTRAS",
@@ -413,6 +480,7 @@ __all__ = [
     "Decoder",
     "DecoderConfig",
     "DecoderOutput",
+    "DecoderPruning",
     "EncoderConfig",
     "Preprocessing",
     "ReducerConfig",

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ablate.components import StageContext
+from ablate.components import DecoderPruning, StageContext
 from ablate.errors import ResourceError
 from ablate.options import STAGES, RunOptions
 
@@ -22,8 +22,8 @@ def meta_context(vlm, batch_size: int, prompt_tokens: int) -> StageContext:
 
 def count_vision(
     vlm, ctx: StageContext, stop_at_unknown: bool = True
-) -> tuple[dict[str, int | None], dict[str, int | None]]:
-    """FLOPs and output token count of each vision stage, run on `ctx` (meta or real tensors).
+) -> tuple[dict[str, int | None], dict[str, int | None], StageContext]:
+    """FLOPs and output token count of each vision stage, run on `ctx` (meta or real tensors), and the last output.
 
     Meta tensors count every matmul, attention included (on real CPU tensors FlopCounterMode misses the fused
     attention kernel). A stage whose output size depends on the data (an adaptive reducer, which declares its
@@ -39,14 +39,21 @@ def count_vision(
             with FlopCounterMode(display=False) as counter:
                 ctx = stage(ctx)
             flops[name], tokens[name] = counter.get_total_flops(), ctx.num_tokens
-    return flops, tokens
+    return flops, tokens, ctx
 
 
-def count_prefill_flops(vlm, batch_size: int, tokens: int) -> int:
-    """FLOPs of the LLM prefill over `tokens` positions, on the meta device."""
+def count_prefill_flops(
+    vlm, batch_size: int, tokens: int, pruning: DecoderPruning | None = None, visual: int = 0
+) -> int:
+    """FLOPs of the LLM prefill over `tokens` positions, on the meta device; with `pruning` (an in-LLM reducer's
+    order), the pruned prefill, its `visual` visual tokens first (LLaVA's prompt order)."""
     embeds = torch.empty(batch_size, tokens, vlm.decoder.hidden_size, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        vlm.decoder(embeds)
+        if pruning is None:
+            vlm.decoder(embeds)
+        else:
+            positions = torch.arange(visual, device="meta").expand(batch_size, -1)
+            vlm.decoder.prefill_pruned(embeds, positions, pruning)
     return counter.get_total_flops()
 
 

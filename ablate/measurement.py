@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 
+from ablate.components import DECODER_PRUNING, StageContext
 from ablate.config import VLMConfig, load_config
 from ablate.counting import check_fits, count_prefill_flops, count_vision, meta_context, token_summary, with_total
 from ablate.errors import AblateError, ResourceError, out_of_memory, unexpected
+from ablate.fidelity import first_token_fidelity
 from ablate.model import VLM, build
 from ablate.options import Progress, default_dtype
 from ablate.preprocess import load_image, synthetic_image
 from ablate.record import empty_record, environment, error_entry, image_entry, peak_memory, run_entry
-from ablate.registry import Registry, get_registry
+from ablate.registry import KINDS, Registry, get_registry
 from ablate.timing import StageTimer, time_stages
 
 
@@ -88,11 +90,17 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
         meta_vlm = build(config, meta=True, registry=registry)
         record["params"] = meta_vlm.params()
         record["encoder_form"] = getattr(meta_vlm.encoder, "form", None)
-        flops, tokens = count_vision(meta_vlm, meta_context(meta_vlm, config.batch_size, config.prompt_tokens))
-        _fill_counts(record, meta_vlm, flops, tokens, config)
+        flops, tokens, vision_out = count_vision(
+            meta_vlm, meta_context(meta_vlm, config.batch_size, config.prompt_tokens)
+        )
+        _fill_counts(record, meta_vlm, flops, tokens, config, vision_out)
+        record["notes"].extend(note for kind in KINDS for note in getattr(meta_vlm, kind).notes())
         if options.count_only:
+            _reducer_notes(record, meta_vlm, vision_out)
             record["image"] = image_entry(options.image, image)
             record["notes"].append("count-only: nothing was timed and no weights were allocated.")
+            if options.fidelity:
+                record["notes"].append("count-only: fidelity needs a real run (run.fidelity was not measured).")
             if record["visual_tokens"] is None:
                 record["notes"].append(
                     f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: its "
@@ -133,23 +141,50 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
         if record["visual_tokens"] is None:  # image-dependent counts: take them from the real run
             where["stage"] = "counting the data-dependent stages"
             with torch.inference_mode():
-                real_flops, real_tokens = count_vision(vlm, ctx, stop_at_unknown=False)
+                real_flops, real_tokens, vision_out = count_vision(vlm, ctx, stop_at_unknown=False)
             flops = {**real_flops, "encoder": flops["encoder"]}  # meta counts attention kernels; keep its figure
-            _fill_counts(record, meta_vlm, flops, real_tokens, config)
+            _fill_counts(record, meta_vlm, flops, real_tokens, config, vision_out)
             record["notes"].append(
                 f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: token counts "
                 f"and the FLOPs from it on are those of the measured image."
             )
+        _reducer_notes(record, meta_vlm, vision_out)
+        if options.fidelity:
+            where["stage"] = "measuring fidelity against the model without its reducer"
+            progress("measuring fidelity", 0, 1)
+            record["fidelity"] = first_token_fidelity(vlm, ctx)
 
 
-def _fill_counts(record, meta_vlm: VLM, flops: dict, tokens: dict, config: VLMConfig) -> None:
+def _fill_counts(record, meta_vlm: VLM, flops: dict, tokens: dict, config: VLMConfig, out: StageContext) -> None:
     summary = token_summary(meta_vlm, tokens, config.prompt_tokens)
     record["tokens"] = summary
     record["visual_tokens"] = None if summary["llm_input"] is None else summary["llm_input"] - config.prompt_tokens
     prefill = None
     if summary["llm_input"] is not None:
-        prefill = count_prefill_flops(meta_vlm, config.batch_size, summary["llm_input"])
+        pruning = out.extras.get(DECODER_PRUNING)
+        visual = record["visual_tokens"]
+        prefill = count_prefill_flops(meta_vlm, config.batch_size, summary["llm_input"], pruning, visual)
     record["flops"] = with_total({**flops, "prefill": prefill})
+
+
+def _reducer_notes(record, vlm: VLM, out: StageContext) -> None:
+    """Flag a reducer that leaves the LLM input as it is; give the per-layer counts of one that prunes in the LLM."""
+    tokens, names = record["tokens"], [name for name, _ in vlm.vision_stages()]
+    before = names[names.index("reducer") - 1]
+    if vlm.reducer.passthrough or tokens["reducer"] is None or tokens["reducer"] != tokens[before]:
+        return
+    name, count = vlm.reducer.name, tokens["reducer"]
+    pruning = out.extras.get(DECODER_PRUNING)
+    if pruning is None:
+        record["notes"].append(f"reducer '{name}' leaves the LLM input unchanged: {count} visual tokens in and out.")
+        return
+    layers = vlm.decoder.num_layers
+    average = (pruning.layer * count + (layers - pruning.layer) * pruning.keep) / layers if layers else None
+    record["notes"].append(
+        f"reducer '{name}' leaves the LLM input unchanged ({count} visual tokens) and drops visual tokens inside the "
+        f"LLM: layers 0..{pruning.layer - 1} see {count}, layers {pruning.layer}..{layers - 1} see {pruning.keep}"
+        + (f" ({average:.1f} per layer on average, the count FastV and SparseVLM report)." if average else ".")
+    )
 
 
 @contextmanager

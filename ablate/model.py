@@ -13,6 +13,7 @@ from torch import nn
 
 from ablate.checkpoints import load_weights, read_hf_config
 from ablate.components import (
+    DECODER_PRUNING,
     IGNORE_INDEX,
     TEXT,
     Connector,
@@ -87,9 +88,21 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         all_logits: bool = False,
     ) -> DecoderOutput:
-        """The LLM over the prompt with its image placeholder replaced by the visual tokens."""
+        """The LLM over the prompt with its image placeholder replaced by the visual tokens.
+
+        A reducer that prunes inside the LLM (ctx.extras[DECODER_PRUNING]) acts on the prefill only.
+        """
         embeds, labels, attention_mask = self.splice(ctx.tokens, ctx.input_ids, ctx.text_embeds, labels, attention_mask)
-        return self.decoder(embeds, attention_mask=attention_mask, labels=labels, all_logits=all_logits)
+        pruning = ctx.extras.get(DECODER_PRUNING)
+        if pruning is None:
+            return self.decoder(embeds, attention_mask=attention_mask, labels=labels, all_logits=all_logits)
+        if labels is not None or all_logits:
+            raise ConfigError(
+                f"Reducer '{self.reducer.name}' prunes visual tokens inside the LLM's prefill, which gives the first "
+                f"token's logits only: training or scoring every position needs another reducer (e.g. reducer=none)."
+            )
+        positions = self.visual_positions(ctx.input_ids, ctx.tokens.shape[1])
+        return self.decoder.prefill_pruned(embeds, positions, pruning, attention_mask=attention_mask)
 
     def prefill_stage(self, ctx: StageContext) -> torch.Tensor:
         """The timed prefill: (B, vocab) logits of the first generated token."""
@@ -186,6 +199,11 @@ class VLM(nn.Module):
         extra = [None if t is None else rows(t, make(t)) for t, make in fill.values()]
         return rows(text, visual), extra[0], extra[1]
 
+    def visual_positions(self, input_ids: torch.Tensor, count: int) -> torch.Tensor:
+        """(B, count) positions of each row's visual tokens in the spliced sequence (they replace the placeholder)."""
+        start = (input_ids == self.image_token_id).int().argmax(dim=1, keepdim=True)
+        return start + torch.arange(count, device=input_ids.device)
+
     def make_prompt(self, prompt_tokens: int, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
         """Synthetic prompt ids: the image placeholder, then `prompt_tokens` random text ids (LLaVA order)."""
         generator = torch.Generator().manual_seed(seed)
@@ -234,8 +252,15 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def check_compatible(encoder: VisionEncoder, reducer: TokenReducer, connector: Connector | None = None) -> None:
-    """Fail before anything runs when the reducer needs what the encoder cannot give."""
+def check_compatible(
+    encoder: VisionEncoder, reducer: TokenReducer, connector: Connector | None = None, decoder: Decoder | None = None
+) -> None:
+    """Fail before anything runs when the reducer needs what the encoder (or decoder) cannot give.
+
+    The reducer's own check comes first: it can name its options (e.g. the token scores an encoder offers).
+    """
+    if connector is not None and decoder is not None:
+        reducer.check_pipeline(encoder, connector, decoder)
     available = set(encoder.provides) | {TEXT}  # the VLM itself provides the prompt's embeddings
     missing = set(reducer.requires) - available
     if missing:
@@ -254,6 +279,11 @@ def check_compatible(encoder: VisionEncoder, reducer: TokenReducer, connector: C
                 f"Reducer '{reducer.name}' needs its input tokens on one 2-D grid; encoder '{encoder.name}' at "
                 f"{encoder.config.image_size} px gives {layout}. Use an encoder setting that gives one grid."
             )
+    if decoder is not None and reducer.prunes_in_decoder and not decoder.prunes_in_prefill:
+        raise IncompatibleComponentsError(
+            f"Reducer '{reducer.name}' drops visual tokens inside the LLM's prefill, which decoder '{decoder.name}' "
+            f"(decoder.name) does not support (Decoder.prefill_pruned). Pick a decoder that does or another reducer."
+        )
 
 
 def build(
@@ -294,7 +324,7 @@ def build(
         reducer = make("reducer")
         decoder = make("decoder")
         connector = make("connector", encoder.width, decoder.hidden_size)
-        check_compatible(encoder, reducer, connector)
+        check_compatible(encoder, reducer, connector, decoder)
         encoder.request(frozenset(reducer.requires) - {TEXT})
         vlm = VLM(config, encoder, reducer, connector, decoder)
     if not meta:

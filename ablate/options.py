@@ -47,6 +47,7 @@ class RunOptions:
     count_only: bool = False  # tokens, params and FLOPs on the meta device; no weights allocated, nothing timed
     image: str | None = None  # a real image file; None: a synthetic image of the encoder's input size
     seed: int = 0  # random weights, the synthetic image and the prompt
+    fidelity: bool = False  # also compare first-token logits with the model without its reducer (record["fidelity"])
 
     def dtype_of(self, kind: str) -> torch.dtype:
         return DTYPES[getattr(self.dtypes, kind) or self.dtype]

@@ -18,6 +18,8 @@ Schema (version 2):
     env{device_name, ablate, plugins{name: version}, libraries{torch, timm, transformers, ...}, python, platform,
         cpu_count}
     config{...}             the resolved config, run section included (as asked for)
+    fidelity                None, or with run.fidelity: {top1_agreement, kl, rows, reference}: the reduced model's
+                            first token against the same model without its reducer (`ablate.fidelity`)
     notes[]                 what a reader must know about the figures (count-only, data-dependent counts, ...)
     error                   None, or {type, message, stage, plugin, log}
 """
@@ -68,6 +70,7 @@ def empty_record() -> dict[str, Any]:
         "run": None,
         "env": None,
         "config": None,
+        "fidelity": None,
         "notes": [],
         "error": None,
     }

@@ -45,6 +45,20 @@ CASES: dict[tuple[str, str], dict[str, dict]] = {
     ("encoder", "fastvit-mci2"): full_size(image_sizes=[256, 512], bad_image_sizes=[1000]),
     ("encoder", "fastvit-mci4"): full_size(image_sizes=[256, 1024], bad_image_sizes=[1000]),
     ("encoder", "fastvit"): {"tiny": dict(image_sizes=[128, 192], bad_image_sizes=[100])},
+    # Reducers run on a 4x4 grid (16 tokens): budgets that fit it, and each mode of the budgeted ones.
+    ("reducer", "matryoshka"): {"full": {}, "all_scales": dict(config_overrides={"tokens": 4, "all_scales": True})},
+    ("reducer", "avgpool"): {
+        "kernel": {},
+        "tokens": dict(config_overrides={"tokens": 1}),
+        "adaptive": dict(config_overrides={"tokens": 9, "adaptive": True}),
+    },
+    ("reducer", "prumerge"): {"adaptive": {}, "budget": dict(config_overrides={"tokens": 5})},
+    ("reducer", "prumerge-plus"): {"adaptive": {}, "budget": dict(config_overrides={"tokens": 6})},
+    ("reducer", "visionzip"): {
+        "cls": dict(config_overrides={"tokens": 6, "contextual": 2}),
+        "substitute": dict(config_overrides={"tokens": 6, "score": "attention_received"}),
+    },
+    ("reducer", "random"): {"budget": dict(config_overrides={"tokens": 5})},
 }
 DEFAULT_CASE = {"defaults": {}}
 

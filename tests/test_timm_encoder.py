@@ -117,3 +117,35 @@ def test_attention_of_the_last_block_when_the_last_block_is_selected():
     assert enc._attention_module() is enc.model.blocks[-1].attn.qkv
     enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, feature_block=5)
     assert enc._attention_module() is enc.model.blocks[6].attn.qkv
+
+
+def test_attention_without_cls_for_siglip_like_vits():
+    """A CLS-free ViT (SigLIP) gives per-head q/k with no prefix (reducers use substitute scores), not CLS."""
+    enc = encoder(
+        model_name="vit_base_patch16_siglip_224",
+        image_size=64,
+        model_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2},
+    )
+    assert enc.provides == {ATTENTION}
+    enc.request(frozenset({ATTENTION}))
+    with torch.no_grad():
+        out = encode(enc, torch.rand(2, 3, 64, 64))
+    assert out.attention.queries.shape == (2, 2, 16, 32) and out.attention.num_prefix_tokens == 0
+
+
+def test_attention_of_the_feature_block_stops_there():
+    """VisionZip's layer (attention_block = feature_block): the tower stops after it, and q/k are that block's."""
+    enc = encoder(model_name="vit_tiny_patch16_224", image_size=64, feature_block=5, attention_block=5)
+    enc.request(frozenset({ATTENTION}))
+    ran = []
+    enc.model.blocks[6].register_forward_hook(lambda *args: ran.append(6))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = encode(enc, x)
+        before = by_hand_blocks(enc.model, x, 4)
+        block = enc.model.blocks[5]
+        qkv = block.attn.qkv(block.norm1(before))
+    assert not ran and not any("past the selected features" in note for note in enc.notes())
+    q = qkv[..., :192].unflatten(-1, (block.attn.num_heads, -1)).transpose(1, 2)
+    torch.testing.assert_close(out.attention.queries, q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.tokens, by_hand_blocks(enc.model, x, 5)[:, 1:], atol=1e-5, rtol=1e-5)

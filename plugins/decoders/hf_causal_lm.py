@@ -6,15 +6,21 @@ The presets hold the published config values of each LLM; `decoder.overrides` ch
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from torch import nn
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ablate.components import Decoder, DecoderConfig, DecoderOutput
+from ablate.components import Decoder, DecoderConfig, DecoderOutput, DecoderPruning
 from ablate.errors import CheckpointError, ConfigError, did_you_mean
 from ablate.hookspecs import hookimpl
 from ablate.weights import load_state_dict_strict, read_tensors
@@ -178,8 +184,20 @@ def _checked_sizes(hf_config):
     return hf_config
 
 
+# Model types whose base model feeds inputs_embeds unchanged through its layers, then a final norm, with RoPE and one
+# causal mask for every layer: `prefill_pruned` runs their layers itself (tested on both).
+PRUNABLE_MODEL_TYPES = ("llama", "qwen2")
+
+
 class HFCausalLM(Decoder):
-    """A transformers causal LM prefilled from inputs_embeds; arch: qwen2-0.5b/1.5b/7b, vicuna-7b, *-tiny."""
+    """A transformers causal LM prefilled from inputs_embeds; arch: qwen2-0.5b/1.5b/7b, vicuna-7b, *-tiny.
+
+    In-LLM pruning (`prefill_pruned`, for FastV-style reducers) on Llama and Qwen2 models: this decoder runs the
+    transformers model's own layers one by one on its own instance, drops visual tokens between two layers, and
+    reads the one attention row it needs through an attention function registered with transformers'
+    AttentionInterface that wraps the configured kernel (SDPA by default) for that layer only. The default prefill
+    (`forward`) does not change.
+    """
 
     name = "hf-causal-lm"
     Config = HFCausalLMConfig
@@ -199,6 +217,12 @@ class HFCausalLM(Decoder):
         )
         self.hidden_size = self.lm.config.hidden_size
         self.vocab_size = self.lm.config.vocab_size
+        self.num_layers = self.lm.config.num_hidden_layers
+
+    @property
+    def prunes_in_prefill(self) -> bool:  # type: ignore[override]
+        layer_types = getattr(self.lm.config, "layer_types", None) or ["full_attention"]
+        return self.lm.config.model_type in PRUNABLE_MODEL_TYPES and set(layer_types) == {"full_attention"}
 
     def load_weights(self, path: str) -> None:
         """A transformers model directory (or weights file) with `model.*` and `lm_head.*` keys, loaded strictly."""
@@ -220,6 +244,121 @@ class HFCausalLM(Decoder):
         # logits_to_keep=1: only the last position's logits, as generate() computes them.
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         return DecoderOutput(logits=out.logits[:, -1])
+
+    def prefill_pruned(self, inputs_embeds, visual_positions, pruning: DecoderPruning, *, attention_mask=None):
+        """See `Decoder.prefill_pruned`. The KV cache of layers >= pruning.layer holds only the kept tokens."""
+        if not self.prunes_in_prefill:
+            raise ConfigError(
+                f"decoder '{self.name}' prunes inside its prefill only for {', '.join(PRUNABLE_MODEL_TYPES)} models "
+                f"with full attention in every layer, not this {self.lm.config.model_type} model."
+            )
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ConfigError(
+                "In-LLM pruning takes unpadded prompts: drop the padding (attention_mask) or the reducer."
+            )
+        model, batch, length = self.lm.model, inputs_embeds.shape[0], inputs_embeds.shape[1]
+        layers = model.layers
+        cache_key = "cache" if "cache" in inspect.signature(layers[0].forward).parameters else "past_key_values"
+        hidden, cache = inputs_embeds, DynamicCache()
+        positions = torch.arange(length, device=hidden.device).expand(batch, -1)
+
+        def run(chosen_layers, hidden, positions):
+            shared = dict(  # what the transformers model hands every layer: RoPE of the positions, causal attention
+                attention_mask=self._causal_mask(hidden),
+                position_ids=positions,
+                position_embeddings=model.rotary_emb(hidden, positions),
+                use_cache=True,
+                **{cache_key: cache},
+            )
+            for layer in chosen_layers:
+                out = layer(hidden, **shared)
+                hidden = out[0] if isinstance(out, tuple) else out
+            return hidden
+
+        hidden = run(layers[: pruning.layer - 1], hidden, positions)
+        with _last_row_attention(layers[pruning.layer - 1].self_attn) as rows:
+            hidden = run(layers[pruning.layer - 1 : pruning.layer], hidden, positions)
+        attention = rows["attention"].gather(2, visual_positions[:, None].expand(-1, rows["attention"].shape[1], -1))
+        hidden, positions = self._keep(hidden, positions, visual_positions, pruning.select(attention))
+        hidden = run(layers[pruning.layer :], hidden, positions)
+        logits = self.lm.lm_head(model.norm(hidden[:, -1:]))
+        return DecoderOutput(logits=logits[:, -1])
+
+    def _causal_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self.config.attn_implementation == "sdpa":
+            return None  # SDPA's own causal mask (is_causal), as transformers uses it for unpadded prompts
+        length = hidden.shape[1]
+        blocked = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
+        return torch.zeros(length, length, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            blocked, torch.finfo(hidden.dtype).min
+        )[None, None]
+
+    @staticmethod
+    def _keep(hidden, positions, visual_positions, chosen):
+        """Keep the text and the chosen visual tokens (by index into the visual ones), in their original order."""
+        batch, length = positions.shape
+        keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        keep.scatter_(1, visual_positions, False).scatter_(1, visual_positions.gather(1, chosen), True)
+        count = length - visual_positions.shape[1] + chosen.shape[1]
+        # The kept positions of each row, ascending: a stable sort puts them first (no data-dependent shapes: meta ok).
+        kept = positions.gather(1, torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :count])
+        return hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1])), kept
+
+
+# ------------------------------------------------------------------------------ the last position's attention
+
+_PROBE = "ablate_last_row"  # registered once with transformers' AttentionInterface (a new name, nothing replaced)
+_PROBES: dict[nn.Module, Callable] = {}  # attention module -> its probe, while one runs
+
+
+def _dispatch_probe(module, *args, **kwargs):
+    return _PROBES[module](module, *args, **kwargs)
+
+
+class _last_row_attention:
+    """While active, `attention` (one transformers attention module) runs its usual kernel and also records the
+    softmax attention of the last query over all keys, per head: rows["attention"] (B, heads, T) float32.
+
+    It swaps the module's own config for a copy naming the probe as the attention implementation (the module
+    reads `config._attn_implementation` at every call); the probe calls the kernel the model was built with.
+    """
+
+    def __init__(self, attention: nn.Module):
+        self.attention = attention
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> dict[str, torch.Tensor]:
+        if _PROBE not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(_PROBE, _dispatch_probe)
+        config = self.attention.config
+        implementation = config._attn_implementation
+        if implementation == "eager":  # eager is each model file's own function, not in the registry
+            kernel = sys.modules[type(self.attention).__module__].eager_attention_forward
+        else:
+            kernel = ALL_ATTENTION_FUNCTIONS[implementation]
+        rows = self.rows
+
+        def probe(module, query, key, value, attention_mask, **kwargs):
+            out = kernel(module, query, key, value, attention_mask, **kwargs)
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query heads, as repeat_kv
+            logits = (query[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scaling
+            if attention_mask is not None:
+                mask = attention_mask[..., -1:, : keys.shape[2]]
+                logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+            rows["attention"] = torch.softmax(logits, dim=-1)[:, :, 0]
+            return out
+
+        self.original = config
+        probed = copy.copy(config)
+        probed._attn_implementation = _PROBE
+        self.attention.config = probed
+        _PROBES[self.attention] = probe
+        return rows
+
+    def __exit__(self, *exc) -> None:
+        self.attention.config = self.original
+        _PROBES.pop(self.attention, None)
 
 
 def _directory_config(path: str):

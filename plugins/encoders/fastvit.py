@@ -24,7 +24,16 @@ from timm.models.fastvit import FastVit, RepConditionalPosEnc
 from timm.utils.model import reparameterize_model
 from torch import nn
 
-from ablate.components import EncoderConfig, Preprocessing, StageContext, TokenLayout, VisionEncoder, check_multiple
+from ablate.components import (
+    ATTENTION,
+    Attention,
+    EncoderConfig,
+    Preprocessing,
+    StageContext,
+    TokenLayout,
+    VisionEncoder,
+    check_multiple,
+)
 from ablate.errors import CheckpointError, ConfigError
 from ablate.hookspecs import hookimpl
 from ablate.weights import load_state_dict_strict, read_tensors
@@ -190,6 +199,30 @@ class FastViT(VisionEncoder):
         self.width = final_width + sum(config.embed_dims[int(stage)] for stage in self.fusion)
 
     @property
+    def provides(self) -> frozenset[str]:  # type: ignore[override]
+        """ATTENTION when the last stage is an attention stage (FastViTHD, MCi2, MCi4): its last block's queries and
+        keys lie on the output grid (the final conv keeps it), so token scores line up with the tokens."""
+        return frozenset({ATTENTION}) if self.config.token_mixers[-1] == "attention" else frozenset()
+
+    def _attention_block(self) -> nn.Module:
+        return self.model.stages[-1].blocks[-1].token_mixer  # timm's FastViT Attention: a fused qkv Linear
+
+    def request(self, needs: frozenset[str]) -> None:
+        super().request(needs)
+        self._captured: dict[str, torch.Tensor] = {}
+        if ATTENTION in needs:  # a hook on this instance's own module: the attention kernel (SDPA) stays as it is
+            self._attention_block().qkv.register_forward_hook(lambda module, args, out: self._captured.update(qkv=out))
+
+    def notes(self) -> list[str]:
+        if ATTENTION not in self.requested:
+            return []
+        kernel = "SDPA" if getattr(self._attention_block(), "fused_attn", True) else "timm's non-fused path"
+        return [
+            f"encoder '{self.name}' hands the last attention block's queries and keys (stage {len(self.config.layers) - 1}) "
+            f"to the reducer through a forward hook on its qkv Linear; its attention kernel is unchanged ({kernel})."
+        ]
+
+    @property
     def form(self) -> str:
         """'inference' (reparameterized, fused) or 'train' (multi-branch)."""
         return "inference" if self.config.inference_mode else "train"
@@ -219,7 +252,13 @@ class FastViT(VisionEncoder):
                 fused.append(self.fusion[str(index)](x))
         x = torch.cat([self.model.final_conv(x), *fused], dim=1)
         layout = TokenLayout.grid_of(x.shape[2], x.shape[3], ctx.layout.image_size)
-        return replace(ctx, tokens=x.flatten(2).transpose(1, 2), layout=layout)
+        attention = None
+        if ATTENTION in self.requested:
+            qkv = self._captured.pop("qkv")  # (B, N, 3 * heads * head_dim), as timm's Attention computes it
+            heads = self._attention_block().num_heads
+            q, k, _ = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            attention = Attention(queries=q, keys=k, num_prefix_tokens=0)
+        return replace(ctx, tokens=x.flatten(2).transpose(1, 2), layout=layout, attention=attention)
 
     def reparameterize(self) -> None:
         """Fuse the multi-branch train form into the inference form, in place (same outputs, fewer ops)."""

@@ -63,9 +63,12 @@ class TimmEncoder(VisionEncoder):
         self.num_prefix = getattr(self.model, "num_prefix_tokens", 0)
         self._has_cls = bool(getattr(self.model, "cls_token", None) is not None)
         blocks = getattr(self.model, "blocks", None)
-        # Attention scores index the visual tokens after the prefix ones: not when the prefix is among them.
+        # Per-head q/k from a block's fused qkv Linear (ViT, SigLIP, ... without CLS too: scores then use substitutes).
+        # Attention scores index the visual tokens after the prefix ones: not when a prefix is among them.
         self._attention_ok = (
-            self._has_cls and blocks is not None and hasattr(blocks[0], "attn") and not config.keep_prefix_tokens
+            blocks is not None
+            and hasattr(getattr(blocks[0], "attn", None), "qkv")
+            and not (config.keep_prefix_tokens and self.num_prefix)
         )
         self.width = self.model.num_features
         if config.feature_block is not None:
@@ -140,6 +143,25 @@ class TimmEncoder(VisionEncoder):
         if ATTENTION in needs:
             self._attention_module().register_forward_hook(self._capture_qkv)
 
+    def notes(self) -> list[str]:
+        if ATTENTION not in self.requested:
+            return []
+        index = self._attention_index()
+        kernel = "SDPA" if getattr(self._attention_module_parent(), "fused_attn", True) else "timm's non-fused path"
+        notes = [
+            f"encoder '{self.name}' hands block {index}'s queries and keys to the reducer through a forward hook on "
+            f"its qkv Linear; the block's attention kernel is unchanged ({kernel})."
+        ]
+        feature = self.config.feature_block
+        if feature is not None and index > feature % len(self.model.blocks):
+            first = feature % len(self.model.blocks) + 1
+            run = f"block {index}" if first == index else f"blocks {first}..{index}"
+            notes.append(
+                f"encoder '{self.name}' runs {run} past the selected features (block {feature % len(self.model.blocks)}) "
+                f"to read block {index}'s attention; that time counts as the encoder's."
+            )
+        return notes
+
     def forward(self, ctx: StageContext) -> StageContext:
         x = ctx.pixel_values
         tokens, prefix = self._features(x, capture=True)
@@ -180,16 +202,21 @@ class TimmEncoder(VisionEncoder):
             if out.ndim == 3 and self.num_prefix:
                 prefix, out = out[:, : self.num_prefix], out[:, self.num_prefix :]
         else:
-            # Run every block when attention of a later block is wanted; otherwise stop at the chosen one.
+            # Stop after the chosen block, or after the attention block when a reducer wants a later block's q/k.
+            blocks = getattr(self.model, "blocks", None)
+            feature = config.feature_block % len(blocks) if blocks is not None else config.feature_block
+            indices = [feature]
+            if capture and ATTENTION in self.requested:
+                indices = sorted({feature, self._attention_index()})
             result = self.model.forward_intermediates(
                 x,
-                indices=[config.feature_block],
+                indices=indices,
                 norm=False,
-                stop_early=not (capture and ATTENTION in self.requested),
-                output_fmt="NLC" if hasattr(self.model, "blocks") else "NCHW",
+                stop_early=True,
+                output_fmt="NLC" if blocks is not None else "NCHW",
                 intermediates_only=True,
                 **({"return_prefix_tokens": True} if self.num_prefix else {}),  # conv nets take no such argument
-            )[0]
+            )[indices.index(feature)]
             out, prefix = result if isinstance(result, tuple) else (result, None)
         if out.ndim == 4:  # NCHW map -> row-major tokens
             out = out.flatten(2).transpose(1, 2)

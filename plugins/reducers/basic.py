@@ -1,8 +1,13 @@
-"""Token reducers that need nothing but the tokens themselves."""
+"""Token reducers that need nothing but the tokens themselves: the identity and the seeded random baseline."""
 
 from __future__ import annotations
 
-from ablate.components import StageContext, TokenReducer
+from dataclasses import dataclass, replace
+
+import torch
+
+from ablate.components import ReducerConfig, StageContext, TokenLayout, TokenReducer
+from ablate.errors import ConfigError
 from ablate.hookspecs import hookimpl
 
 
@@ -10,11 +15,51 @@ class NoReducer(TokenReducer):
     """Keep every token (the baseline)."""
 
     name = "none"
+    passthrough = True
 
     def forward(self, ctx: StageContext) -> StageContext:
         return ctx
 
 
+@dataclass
+class RandomConfig(ReducerConfig):
+    tokens: int = 64  # tokens kept
+    seed: int = 0  # which ones: the same subset for every row and every call
+
+
+class RandomKeep(TokenReducer):
+    """Baseline: keep a seeded random subset of `tokens` tokens, in their original order."""
+
+    name = "random"
+    Config = RandomConfig
+
+    def __init__(self, config: RandomConfig):
+        super().__init__(config)
+        if config.tokens < 1:
+            raise ConfigError(f"reducer.tokens={config.tokens} must be at least 1.")
+
+    def check_pipeline(self, encoder, connector, decoder) -> None:
+        count = self.input_layout(encoder, connector).num_tokens
+        if self.config.tokens > count:
+            raise ConfigError(
+                f"reducer.tokens={self.config.tokens} is more than the {count} tokens reducer '{self.name}' receives "
+                f"from encoder '{encoder.name}': use 1..{count}."
+            )
+
+    def output_layout(self, layout):
+        return TokenLayout.unstructured(self.config.tokens, layout.image_size)
+
+    def forward(self, ctx: StageContext) -> StageContext:
+        n = ctx.num_tokens
+        if self.config.tokens > n:
+            raise ValueError(f"reducer.tokens={self.config.tokens} but only {n} tokens came in")
+        generator = torch.Generator().manual_seed(self.config.seed)  # CPU: the same subset on every device
+        kept = torch.randperm(n, generator=generator)[: self.config.tokens].sort().values.to(ctx.tokens.device)
+        layout = TokenLayout.unstructured(self.config.tokens, ctx.layout.image_size)
+        return replace(ctx, tokens=ctx.tokens[:, kept], layout=layout)
+
+
 @hookimpl
 def register_reducers(register):
     register(NoReducer)
+    register(RandomKeep)
