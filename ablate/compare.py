@@ -172,9 +172,8 @@ def compare(claims: Claims, options: Options, progress: Progress | None = None) 
         extra = system.overrides + overrides.get(None, []) + overrides.get(name, [])
         progress(f"[{index + 1}/{len(names)}] {name}: counting")
         try:
-            results[name] = _measure_system(
-                system, extra, claims.layers_key, options, budget, measure, progress, index, len(names)
-            )
+            step = f"[{index + 1}/{len(names)}] {name}"
+            results[name] = _measure_system(system, extra, claims.layers_key, options, budget, measure, progress, step)
         except AblateError as exc:  # a failing system is a row with its error, not a crashed comparison
             results[name] = _summary(name, system, getattr(exc, "record", None), "failed", error=str(exc))
     rows = [_claim_row(claim, results) for claim in claims.claims]

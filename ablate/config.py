@@ -370,7 +370,7 @@ def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: 
         raise ConfigError(f"batch_size must be at least 1, not {config.batch_size}.")
     if config.input_size is not None and (len(config.input_size) != 2 or min(config.input_size) < 1):
         raise ConfigError(
-            f"input_size must be [width, height] in pixels, both positive, not {config.input_size}. Example: "
+            f"input_size must be two positive pixel counts, width then height, not {config.input_size}. Example: "
             f"input_size=[1920,1080], or leave it unset for a square image of the encoder's size."
         )
     _check_weights_path(config.weights, "weights")

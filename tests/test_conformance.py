@@ -45,6 +45,20 @@ CASES: dict[tuple[str, str], dict[str, dict]] = {
     ("encoder", "fastvit-mci2"): full_size(image_sizes=[256, 512], bad_image_sizes=[1000]),
     ("encoder", "fastvit-mci4"): full_size(image_sizes=[256, 1024], bad_image_sizes=[1000]),
     ("encoder", "fastvit"): {"tiny": dict(image_sizes=[128, 192], bad_image_sizes=[100])},
+    # FastVLM's baselines: full-size towers (shapes on meta; real forwards under -m slow).
+    ("encoder", "clip-vit-l14-336"): full_size(bad_image_sizes=[300]),
+    ("encoder", "siglip-so400m"): full_size(bad_image_sizes=[380]),
+    ("encoder", "convnext-l-clip"): full_size(image_sizes=[320, 512], bad_image_sizes=[300]),
+    ("encoder", "convllava"): full_size(image_sizes=[768, 1024], bad_image_sizes=[800]),
+    # AnyRes over a tiny ViT tile of 64 px (16 tokens): 1 tile + base at 64 px, 2x2 tiles + base at 128 px.
+    ("encoder", "anyres"): {
+        "tiny": dict(
+            config_overrides={"tile": {"name": "timm", **VIT_TINY, "image_size": 64}},
+            image_sizes=[64, 128],
+            bad_image_sizes=[0],
+        )
+    },
+    ("connector", "ldpv2"): {"tiny": dict(config_overrides={"output_grid": 2})},
 }
 DEFAULT_CASE = {"defaults": {}}
 

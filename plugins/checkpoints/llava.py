@@ -5,12 +5,12 @@ a timm ViT of those sizes (`model_kwargs`), `vision_feature_layer` / `vision_fea
 encoder's feature block and CLS handling, `image_grid_pinpoints` and `vision_aspect_ratio` the AnyRes tiling and
 the `llava-anyres` connector, and `text_config` the hf-causal-lm decoder. Loading is strict.
 
-Key layouts read (both as transformers 5 saves them and as older 4.x checkpoints on disk store them):
-    model.vision_tower.* / vision_tower.vision_model.*        HF CLIP/SigLIP vision model -> timm ViT names
-    model.multi_modal_projector.linear_{1,2}.* / multi_modal_projector.*   -> connector.layers.{0,2}
-    model.language_model.* / language_model.model.*          -> decoder.lm.model.*
-    lm_head.* / language_model.lm_head.*                      -> decoder.lm.lm_head.*
-    model.image_newline / image_newline (OneVision)           -> connector.image_newline
+Key layouts read: the names transformers saves, the 4.x hub checkpoints' and the in-memory module names:
+    vision_tower.* / vision_tower.vision_model.* / model.vision_tower.*   HF CLIP/SigLIP vision model -> timm ViT
+    multi_modal_projector.linear_{1,2}.* (also under model.)              -> connector.layers.{0,2}
+    language_model.model.* / model.language_model.*                       -> decoder.lm.model.*
+    language_model.lm_head.* / lm_head.*                                  -> decoder.lm.lm_head.*
+    image_newline / model.image_newline (OneVision)                       -> connector.image_newline
 """
 
 from __future__ import annotations
