@@ -90,7 +90,7 @@ def load_claims(source: str) -> Claims:
     if not path.is_file():
         raise ConfigError(
             f"Claims file '{source}' is neither a file nor a known claims name.{did_you_mean(source, files)} "
-            f"Known: {', '.join(sorted(files)) or 'none'}."
+            f"Known: {', '.join(sorted(files)) or 'no claims files found'}."
         )
     data = read_yaml(path)
     where = f"claims file {path}"
