@@ -279,8 +279,20 @@ def cmd_compare(args) -> int:
         max_llm_layers=args.max_llm_layers,
         memory_gb=args.memory_gb,
     )
-    with err.status("comparing") as status:
-        result = compare(claims, options, progress=lambda what: status.update(what))
+    if err.is_terminal:
+        with err.status("comparing") as status:
+            result = compare(claims, options, progress=lambda what: status.update(what))
+    else:  # a log: one line per step (not per repeat), so a long run shows where it is
+        last = ""
+
+        def progress(what: str) -> None:
+            nonlocal last
+            step = what.rsplit(" ", 1)[0] if what[-1:].isdigit() else what
+            if step != last:
+                last = step
+                err.print(step, highlight=False, markup=False)
+
+        result = compare(claims, options, progress=progress)
     result["files"] = write(result, Path(args.out))
     if args.json:
         print(json.dumps(result, default=str))
