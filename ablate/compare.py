@@ -33,7 +33,7 @@ import torch
 
 from ablate.config import preset_dirs, read_yaml
 from ablate.counting import available_memory
-from ablate.errors import AblateError, ConfigError, did_you_mean
+from ablate.errors import AblateError, ConfigError, ResourceError, did_you_mean
 from ablate.options import DTYPES, STAGES
 
 METRICS = {  # metric -> (column title, what it divides)
@@ -165,7 +165,7 @@ def compare(claims: Claims, options: Options, progress: Progress | None = None) 
     for name in names:  # bad configs and overrides fail here, before anything is measured
         system = claims.systems[name]
         load_config(system.config, system.overrides + overrides.get(None, []) + overrides.get(name, []))
-    budget = options.memory_gb * 2**30 if options.memory_gb else available_memory(torch.device(options.device))
+    budget = options.memory_gb * 2**30 if options.memory_gb else None  # None: what is free when each system starts
     results: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(names):
         system = claims.systems[name]
@@ -222,27 +222,38 @@ def _measure_system(system, extra, layers_key, options, budget, measure, progres
     counted = measure(system.config, extra, count_only=True, device=options.device, dtype=options.dtype)
     if options.count_only:
         return _summary(system.name, system, counted, "count-only")
-    dtype, cut, note = _form(system, extra, layers_key, options, budget, counted, measure)
-    if dtype is None:
-        return _summary(system.name, system, counted, "count-only", note=note)
-    form = f"{dtype}" + (
-        f", LLM {cut} of {system.llm_layers} layers, prefill scaled x{system.llm_layers / cut:g}" if cut else ""
-    )
-    timed_overrides = extra + ([f"{layers_key}={cut}"] if cut else [])
+    dtype, cut, note = _form(system, extra, layers_key, options, budget or _budget(options), counted, measure)
+    while True:
+        if dtype is None:
+            return _summary(system.name, system, counted, "count-only", note=note)
+        form = f"{dtype}" + (
+            f", LLM {cut} of {system.llm_layers} layers, prefill scaled x{system.llm_layers / cut:g}" if cut else ""
+        )
 
-    def report(what: str, done: int, steps: int) -> None:
-        progress(f"{step} ({form}): {what} {done}/{steps}")
+        def report(what: str, done: int, steps: int, form=form) -> None:
+            progress(f"{step} ({form}): {what} {done}/{steps}")
 
-    record = measure(
-        system.config,
-        timed_overrides,
-        progress=report,
-        device=options.device,
-        dtype=dtype,
-        threads=options.threads,
-        repeats=options.repeats,
-        warmup=options.warmup,
-    )
+        try:
+            record = measure(
+                system.config,
+                extra + ([f"{layers_key}={cut}"] if cut else []),
+                progress=report,
+                device=options.device,
+                dtype=dtype,
+                threads=options.threads,
+                repeats=options.repeats,
+                warmup=options.warmup,
+            )
+            break
+        except ResourceError as exc:  # memory shrank since the form was chosen (a shared machine): the next smaller
+            smaller = (cut or system.llm_layers or 0) // 2 if layers_key else 0
+            if smaller < 1:
+                dtype, note = None, f"counted only: {exc}"
+            else:
+                cut, note = (
+                    smaller,
+                    f"LLM cut to {smaller} of {system.llm_layers} layers to fit: prefill and TTFT are estimates",
+                )
     summary = _summary(system.name, system, counted, form, note=note, timed=record)
     if cut:  # the prefill of L layers from k: the per-layer cost dominates (embedding and head are one token's)
         scale = system.llm_layers / cut
@@ -252,6 +263,10 @@ def _measure_system(system, extra, layers_key, options, budget, measure, progres
         latency["ttft"] = latency["ttft"] - measured_prefill + latency["prefill"]
         summary["estimate"] = True
     return summary
+
+
+def _budget(options: Options) -> int | None:
+    return available_memory(torch.device(options.device))
 
 
 def _form(system, extra, layers_key, options, budget, counted, measure) -> tuple[str | None, int | None, str | None]:
