@@ -215,6 +215,19 @@ class VisionEncoder(Component):
         super().__init__(config)
         self.width: int = 0
         self.requested: frozenset[str] = frozenset()
+        self._input_size: tuple[int, int] | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The raw image's (width, height) the model is configured for: the config's top-level `input_size` (set by
+        `ablate.build`), else a square of `image_size`. Encoders whose output depends on the raw size and aspect
+        (AnyRes tiling) declare their counts and input shape from it; the others resize and ignore it."""
+        size = self.config.image_size
+        return self._input_size or (size, size)
+
+    @input_size.setter
+    def input_size(self, size: tuple[int, int] | None) -> None:
+        self._input_size = None if size is None else (int(size[0]), int(size[1]))
 
     @property
     def preprocessing(self) -> Preprocessing:

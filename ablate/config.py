@@ -51,6 +51,9 @@ class Settings:
     image_token_id: int | None = None  # default: the decoder's last vocabulary id
     weights: str | None = None  # a whole-VLM checkpoint directory (see ablate.from_checkpoint)
     wandb: bool = False  # log the run to W&B (`--wandb`); not part of a grid cell's key
+    # The raw image's [width, height] (`--image` sets it from the file); None: a square of the encoder's image_size.
+    # Only encoders whose tokens depend on the raw size and aspect (AnyRes tiling) count differently for it.
+    input_size: list[int] | None = None
 
 
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(Settings))
@@ -366,6 +369,11 @@ def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: 
         raise ConfigError(f"prompt_tokens must be 0 or more, not {config.prompt_tokens}.")
     if config.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, not {config.batch_size}.")
+    if config.input_size is not None and (len(config.input_size) != 2 or min(config.input_size) < 1):
+        raise ConfigError(
+            f"input_size must be two positive pixel counts, width then height, not {config.input_size}. Example: "
+            f"input_size=[1920,1080], or leave it unset for a square image of the encoder's size."
+        )
     _check_weights_path(config.weights, "weights")
     config.run.validate()
     return config

@@ -6,6 +6,7 @@ memory, so many runs in one process (a grid, a Python loop) do not leak into eac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -84,6 +85,9 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
     with peak_memory(device, record):
         where["stage"] = "reading the image"
         image = load_image(options.image) if options.image else None  # a bad file fails before any model is built
+        if image is not None:  # the model is counted and built for the raw size of the image it will see
+            config = dataclasses.replace(config, input_size=list(image.size))
+            record["config"]["input_size"] = config.input_size
 
         where["stage"] = "counting on the meta device"
         progress("counting on the meta device", 0, 1)
@@ -125,7 +129,7 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
 
         where["stage"] = "timing"
         if image is None:
-            image = synthetic_image(vlm.encoder.preprocessing.image_size, options.seed)
+            image = synthetic_image(vlm.encoder.input_size, options.seed)
         record["image"] = image_entry(options.image, image)
         with torch.inference_mode(), default_dtype(options.dtype_of("encoder")):
             pixels = vlm.encoder.prepare(image)

@@ -319,6 +319,7 @@ def build(
 
     with torch.device("meta") if meta else nullcontext():
         encoder = make("encoder")
+        encoder.input_size = config.input_size
         with registry.blame("encoder", encoder.name, "counting its tokens"):
             encoder.num_tokens()  # rejects an image size the encoder cannot take, before the big decoder is built
         reducer = make("reducer")

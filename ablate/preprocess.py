@@ -47,10 +47,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise ConfigError(f"Cannot read image {path}: {exc}. Give a PNG/JPEG file path with --image.") from None
 
 
-def synthetic_image(size: int, seed: int = 0) -> Image.Image:
-    """A deterministic noise image of the encoder's input size."""
+def synthetic_image(size: int | tuple[int, int], seed: int = 0) -> Image.Image:
+    """A deterministic noise image: `size` pixels square, or (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
 
 
 def preprocess(image: Image.Image, spec: Preprocessing) -> torch.Tensor:

@@ -360,8 +360,8 @@ class EncoderConformance(_Conformance):
         return StageContext(pixel_values=_rows(lambda g: torch.rand(*shape, generator=g), batch, seed))
 
     def expected_shape(self, component, inputs):
-        size = inputs.pixel_values.shape[-1]
-        return (inputs.pixel_values.shape[0], component.num_tokens(size), component.width)
+        # Inputs are made at the configured input size (input_shape), whose token count output_layout declares.
+        return (inputs.pixel_values.shape[0], component.output_layout().num_tokens, component.width)
 
     def check_output(self, component, inputs, out):
         assert isinstance(out, StageContext), (
@@ -399,7 +399,8 @@ class EncoderConformance(_Conformance):
         self.run_checked(component, inputs)
         with torch.no_grad():
             out = component(inputs)
-        assert component.output_layout() == dataclasses.replace(out.layout, image_size=None), (
+        declared = dataclasses.replace(component.output_layout(), image_size=None)
+        assert declared == dataclasses.replace(out.layout, image_size=None), (
             f"{component.name}: output_layout() declares {component.output_layout()}, forward gives {out.layout}"
         )
         assert component.preprocessing.image_size == size

@@ -59,6 +59,23 @@ CASES: dict[tuple[str, str], dict[str, dict]] = {
         "substitute": dict(config_overrides={"tokens": 6, "score": "attention_received"}),
     },
     ("reducer", "random"): {"budget": dict(config_overrides={"tokens": 5})},
+    # FastVLM's baselines: full-size towers (shapes on meta; real forwards under -m slow).
+    ("encoder", "clip-vit-l14-336"): full_size(bad_image_sizes=[300]),
+    ("encoder", "siglip-so400m"): full_size(bad_image_sizes=[380]),
+    ("encoder", "convnext-l-clip"): full_size(image_sizes=[320, 512], bad_image_sizes=[300]),
+    ("encoder", "convllava"): full_size(image_sizes=[768, 1024], bad_image_sizes=[800]),
+    # AnyRes over a tiny ViT tile of 64 px (16 tokens): 1 tile + base at 64 px, 2x2 tiles + base at 128 px.
+    ("encoder", "anyres"): {
+        "tiny": dict(
+            config_overrides={"tile": {"name": "timm", **VIT_TINY, "image_size": 64}},
+            image_sizes=[64, 128],
+            bad_image_sizes=[0],
+        )
+    },
+    ("connector", "ldpv2"): {"tiny": dict(config_overrides={"output_grid": 2})},
+    # The suite feeds plain grids, which llava-anyres only projects: its image_newline acts on tiled layouts
+    # (tests/test_anyres.py and the LLaVA-OneVision checkpoint tests cover those).
+    ("connector", "llava-anyres"): {"grids": dict(every_parameter_gets_grad=False)},
 }
 DEFAULT_CASE = {"defaults": {}}
 

@@ -78,6 +78,20 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         vocab_size=32000,
         tie_word_embeddings=False,
     ),
+    # MobileLLaMA-1.4B (MobileVLM / MobileVLM-V2 1.7B): the MobileVLM paper's 1.4B shape, a LLaMA with 24 layers of
+    # width 2048 and 16 heads; intermediate 5632 and a 2k context as its config.json lists them [unverified here].
+    "mobilellama-1.4b": dict(
+        _LLAMA,
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=5632,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
     # Tiny variants for tests and demos: same code paths, milliseconds per prefill.
     "qwen2-tiny": dict(
         _QWEN2,
@@ -190,7 +204,7 @@ PRUNABLE_MODEL_TYPES = ("llama", "qwen2")
 
 
 class HFCausalLM(Decoder):
-    """A transformers causal LM prefilled from inputs_embeds; arch: qwen2-0.5b/1.5b/7b, vicuna-7b, *-tiny.
+    """A transformers causal LM prefilled from inputs_embeds; arch: qwen2-*, vicuna-7b, mobilellama-1.4b, *-tiny.
 
     In-LLM pruning (`prefill_pruned`, for FastV-style reducers) on Llama and Qwen2 models: this decoder runs the
     transformers model's own layers one by one on its own instance, drops visual tokens between two layers, and

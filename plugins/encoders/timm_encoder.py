@@ -117,7 +117,8 @@ class TimmEncoder(VisionEncoder):
 
     def num_tokens(self, image_size: int | None = None) -> int:
         size = image_size or self.config.image_size
-        check_multiple(self.name + f" ({self.config.model_name})", size, self.stride)
+        if size != _native_size(self.config.model_name):  # a published size may not tile (SigLIP: 384 px, patch 14)
+            check_multiple(self.name + f" ({self.config.model_name})", size, self.stride)
         if size != self.config.image_size and _fixed_size(self.model):
             raise ImageSizeError(
                 f"{self.config.model_name} was built for {self.config.image_size} px; set encoder.image_size={size} "
@@ -125,7 +126,7 @@ class TimmEncoder(VisionEncoder):
             )
         if size not in self._token_counts:  # exact for any timm model: one forward of a meta-device copy
             with torch.device("meta"):
-                probe = TimmEncoder(dataclasses.replace(self.config, image_size=size))
+                probe = type(self)(dataclasses.replace(self.config, image_size=size))  # subclasses add layers
             with torch.no_grad():
                 x = torch.empty(1, 3, size, size, device="meta")
                 tokens, prefix = probe._features(x, capture=False)
