@@ -17,9 +17,14 @@ deviation from it (accumulated along the path, as TTFT sees it), so a mode that 
 much. On a GPU the eager stages are also timed, so that a launch-bound stage (eager far slower than its graph) is
 flagged in the roofline block.
 
-The record's `execution` block: requested {mode, dtypes, memory_format} vs used {...}; `stages` (how each stage
-ran), `ttft` (how the one-call TTFT ran), `fallbacks` (one sentence each), `timer`, `setup_s` (compiling and
-capturing), `graph_breaks`, `deviation_from_eager`, `eager_ms` (GPU), `cpu` (instruction set, bfloat16 support).
+The record's `execution` block: requested {mode, dtypes, memory_format} vs used {...} (used mode 'mixed' when
+some stages fell back); `stages` (how each stage ran: eager, compile, cudagraph, or no-op for a stage that returns
+its input untouched and has nothing to capture); `ttft` (how the one-call TTFT ran); `fallbacks` (one sentence
+each); `timer`; `setup_s` (compiling, capturing); `graph_breaks`; `deviation_from_eager`; `eager_ms` (GPU); `cpu`
+(instruction set, bfloat16 support).
+
+torch.compile starts afresh in every compile-mode run (torch._dynamo.reset), which drops any other compiled code
+in the process: compile what you compare after preparing the toolkit's run, as benchmarks/toolkit_overhead.py does.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 import torch
 
 from ablate.components import Attention, StageContext
-from ablate.options import STAGES, Progress, RunOptions
+from ablate.options import Progress, RunOptions
 from ablate.timing import StageTimer
 
 GRAPH_WARMUP = 3  # eager calls on a side stream before capture (cuBLAS/cuDNN workspaces, lazy initialisation)
@@ -94,8 +99,8 @@ def prepare(vlm, ctx: StageContext, options: RunOptions, progress: Progress | No
         else:
             stages, ttft = _capture(vlm, ctx, reference, entry, notes, device, progress)
         entry["setup_s"] = time.perf_counter() - start
-    used = set(entry["stages"].values())
-    entry["used"]["mode"] = mode if used == {mode} else "mixed"
+    used = set(entry["stages"].values()) - {"no-op"}
+    entry["used"]["mode"] = mode if used <= {mode} else "mixed"
     return Execution(stages, ttft, ctx, entry, notes)
 
 
@@ -351,6 +356,7 @@ def capture(fn: Callable[[Any], Any], static_input: Any, pool) -> tuple[Any, Any
 
 def syncs_with_host(fn: Callable[[Any], Any], value: Any) -> str | None:
     """Why `fn(value)` cannot be captured (it waits for the GPU, e.g. `.item()` or a data-dependent shape), or None."""
+    fn(value)  # first calls may initialise libraries; only the steady state is captured
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -369,6 +375,11 @@ def _capture(vlm, ctx, reference, entry, notes, device, progress):
     stages, out = [], ctx
     for index, (name, stage) in enumerate(plain):
         progress(f"capturing the {name} stage", index, len(plain))
+        if stage(out) is out:  # a no-op stage (reducer 'none'): nothing to capture, an empty graph is an error
+            entry["stages"][name] = "no-op"
+            entry["deviation_from_eager"][name] = _deviation(out, reference[name])
+            stages.append((name, stage))
+            continue
         reason = syncs_with_host(stage, out)
         if reason is None:
             try:
@@ -384,7 +395,7 @@ def _capture(vlm, ctx, reference, entry, notes, device, progress):
         entry["deviation_from_eager"][name] = _deviation(result, reference[name])
         stages.append((name, runner))
         out = result
-    eager = [name for name, how in entry["stages"].items() if how != "cudagraph"]
+    eager = [name for name, how in entry["stages"].items() if how == "eager"]
     static = all(layout is not None for layout in vlm.declared_layouts().values())
     if not eager and static:
 
@@ -405,4 +416,4 @@ def _capture(vlm, ctx, reference, entry, notes, device, progress):
     return stages, lambda c: _run_stages(stages, c)["prefill"]
 
 
-__all__ = ["STAGES", "Execution", "Replay", "capture", "cpu_features", "empty_entry", "prepare", "syncs_with_host"]
+__all__ = ["Execution", "Replay", "capture", "cpu_features", "empty_entry", "prepare", "syncs_with_host"]

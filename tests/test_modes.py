@@ -308,3 +308,14 @@ def test_cudagraph_with_a_data_dependent_reducer_says_ttft_is_not_one_graph():
     assert execution["stages"]["reducer"] == "eager" and execution["stages"]["encoder"] == "cudagraph"
     assert execution["used"]["mode"] == "mixed" and "eager reducer" in execution["ttft"]
     assert any("not one graph" in note for note in record["notes"])
+
+
+def test_the_cli_prints_floors_and_the_top_kernels(tmp_path, capsys):
+    from ablate.cli import main
+
+    trace = tmp_path / "eager.json"
+    assert main(["run", "tiny", "--repeats", "1", "--warmup", "0", "--profile", str(trace)]) == 0
+    printed = capsys.readouterr().out
+    assert "floor ms" in printed and "x floor" in printed
+    assert "top kernels per stage" in printed and "aten::" in printed
+    assert "traceEvents" in json.loads(trace.read_text())
