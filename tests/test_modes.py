@@ -319,3 +319,22 @@ def test_the_cli_prints_floors_and_the_top_kernels(tmp_path, capsys):
     assert "floor ms" in printed and "x floor" in printed
     assert "top kernels per stage" in printed and "aten::" in printed
     assert "traceEvents" in json.loads(trace.read_text())
+
+
+def test_the_timm_encoder_times_the_fused_form_unless_told_otherwise():
+    from ablate.registry import get_registry
+
+    cls = get_registry().get("encoder", "timm")
+    pixels = StageContext(pixel_values=torch.rand(1, 3, 128, 128))
+    encoders = {}
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        config = cls.Config(name="timm", model_name="fastvit_t8", image_size=128, reparameterize=fuse)
+        encoders[fuse] = cls(config).eval()
+    assert (encoders[True].form, encoders[False].form) == ("inference", "train")
+    assert sum(p.numel() for p in encoders[True].parameters()) < sum(p.numel() for p in encoders[False].parameters())
+    with torch.no_grad():
+        fused, branches = (encoders[fuse](pixels).tokens for fuse in (True, False))
+    assert torch.allclose(fused, branches, atol=1e-5 * branches.abs().max().item())
+    record = ablate.measure("tiny", ["encoder=timm", "encoder.model_name=fastvit_t8"], count_only=True)
+    assert record["encoder_form"] == "inference"
