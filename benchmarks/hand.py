@@ -7,6 +7,8 @@ captures the whole TTFT in one CUDA graph.
 
 from __future__ import annotations
 
+import copy
+
 import timm
 import torch
 from torch import nn
@@ -34,7 +36,11 @@ def hand_written(
         assert mode == "eager" and memory_format == "contiguous", "shared modules must stay as they are"
         encoder, projector, lm = vlm.encoder.model, vlm.connector.layers, vlm.decoder.lm
     else:
-        encoder = timm.create_model(TIMM_NAMES[vlm.encoder.name], pretrained=False, num_classes=0, inference_mode=True)
+        if vlm.encoder.name in TIMM_NAMES:
+            name = TIMM_NAMES[vlm.encoder.name]
+            encoder = timm.create_model(name, pretrained=False, num_classes=0, inference_mode=True)
+        else:  # a FastViT family member timm has no name for (the tiny preset's): a copy of its timm FastVit
+            encoder = copy.deepcopy(vlm.encoder.model)
         width, hidden = vlm.connector.in_width, vlm.connector.out_width
         projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         lm = AutoModelForCausalLM.from_config(vlm.decoder.lm.config, attn_implementation="sdpa")

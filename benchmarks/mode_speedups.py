@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
+    )
     parser.add_argument("--json", help="output file (default: benchmarks/results/mode_speedups.json)")
     args = parser.parse_args()
     if args.threads:
@@ -75,6 +78,7 @@ def main() -> None:
             samples = alternate(
                 {"baseline": baseline, "variant": lambda execution=execution: execution.ttft(execution.ctx)},
                 repeats=args.repeats,
+                clock=args.clock,
             )
         row = {
             "variant": spec,

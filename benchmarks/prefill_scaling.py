@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
+    )
     parser.add_argument("--json", help="output file (default: benchmarks/results/prefill_scaling.json)")
     args = parser.parse_args()
     if args.threads:
@@ -53,7 +56,7 @@ def main() -> None:
             run(embeds)  # compiles this length now (compile mode)
         candidates[length] = lambda embeds=embeds: run(embeds).logits
     with torch.inference_mode():
-        samples = alternate(candidates, repeats=args.repeats)
+        samples = alternate(candidates, repeats=args.repeats, clock=args.clock)
 
     rows = []
     print(f"{'tokens':>7} {'GFLOPs':>9} {'median ms':>10} {'IQR ms':>8} {'GFLOP/s':>8}")
