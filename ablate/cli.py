@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
     _add_run_flags(run)
     run.add_argument("--wandb", action="store_true", help="log the run to W&B (also: `wandb: true` in the config)")
+    run.add_argument(
+        "--profile",
+        nargs="?",
+        const="auto",
+        metavar="TRACE",
+        help="write a torch.profiler trace (Perfetto) and print the top kernels per stage (run.profile; default "
+        "file: ablate-trace-NAME-MODE.json)",
+    )
     run.set_defaults(handler=cmd_run)
 
     grid = sub.add_parser("grid", help="run a grid of configs into a results store (sweeps: key=a,b,c)")
@@ -187,7 +195,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="float32, bfloat16 or float16 for every component (run.dtype); run.dtypes.KIND=... sets one component's",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (run.threads; default: torch's choice)")
-    parser.add_argument("--mode", help="execution mode (run.mode, default eager)")
+    parser.add_argument(
+        "--mode", help="eager, compile (torch.compile) or cudagraph (CUDA graphs, GPU) (run.mode, default eager)"
+    )
+    parser.add_argument(
+        "--memory-format",
+        dest="memory_format",
+        help="contiguous or channels_last (the encoder's convolutions) (run.memory_format, default contiguous)",
+    )
     parser.add_argument(
         "--count-only",
         action="store_const",
@@ -206,7 +221,20 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------- run
 
-RUN_FLAGS = ("warmup", "repeats", "device", "dtype", "threads", "mode", "count_only", "image", "seed", "fidelity")
+RUN_FLAGS = (
+    "warmup",
+    "repeats",
+    "device",
+    "dtype",
+    "threads",
+    "mode",
+    "memory_format",
+    "profile",
+    "count_only",
+    "image",
+    "seed",
+    "fidelity",
+)
 
 
 def cmd_run(args) -> int:
@@ -255,7 +283,7 @@ def _log_to_wandb(record: dict[str, Any]) -> None:
 def cmd_grid(args) -> int:
     from ablate.runner import grid_command
 
-    run_options = {flag: getattr(args, flag) for flag in RUN_FLAGS if getattr(args, flag) is not None}
+    run_options = {flag: getattr(args, flag) for flag in RUN_FLAGS if getattr(args, flag, None) is not None}
     return grid_command(args, run_options, out, err)
 
 
@@ -280,16 +308,21 @@ def _num(value: int | None) -> str:
 
 
 def print_record(record: dict[str, Any]) -> None:
-    run = record["run"]
+    run, used = record["run"], record["execution"]["used"]
+    mode = used["mode"] or run["mode"]
+    if used["mode"] and used["mode"] != run["mode"]:
+        mode += f" (asked: {run['mode']})"
+    layout = f" {used['memory_format']}" if used["memory_format"] == "channels_last" else ""
     title = (
         f"{record['name']}: {_num(record['visual_tokens'])} visual + {record['prompt_tokens']} prompt tokens, "
-        f"{run['device']} {run['dtype']} {run['mode']}, {run['threads']} threads"
+        f"{run['device']} {run['dtype']} {mode}{layout}, {run['threads']} threads"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("stage", "median ms", "spread ms (IQR)", "tokens out", "GFLOPs", "params"):
+    for column in ("stage", "median ms", "spread ms (IQR)", "tokens out", "GFLOPs", "params", "floor ms", "x floor"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     latency, spread_ms = record["latency_ms"], record["latency_spread_ms"]
     flops, params, tokens = record["flops"], record["params"], record["tokens"]
+    roof = record["roofline"]["stages"]
     for stage, param_key in (
         ("preprocess", None),
         ("encoder", "encoder"),
@@ -305,6 +338,7 @@ def print_record(record: dict[str, Any]) -> None:
             _num(tokens.get(stage)),
             "-" if gflops is None else f"{gflops / 1e9:,.2f}",
             _num(params.get(param_key)) if param_key else "",
+            *_floor(roof.get(stage)),
         )
     table.add_section()
     total = flops.get("total")
@@ -315,6 +349,8 @@ def print_record(record: dict[str, Any]) -> None:
         "",
         "-" if total is None else f"{total / 1e9:,.2f}",
         _num(params.get("total")),
+        "",
+        "",
     )
     table.add_row(
         "[bold]TTFT (one call)",
@@ -323,6 +359,7 @@ def print_record(record: dict[str, Any]) -> None:
         f"{_num(tokens.get('llm_input'))} in",
         "",
         "",
+        *_floor(roof.get("ttft")),
     )
     out.print(table)
     if latency["ttft"]:
@@ -339,6 +376,32 @@ def print_record(record: dict[str, Any]) -> None:
         )
     for note in record["notes"]:
         out.print(f"note: {note}", highlight=False)
+    if record["profile"]:
+        _print_profile(record["profile"])
+
+
+def _floor(figures: dict[str, Any] | None) -> tuple[str, str]:
+    """The roofline columns: floor ms and measured / floor (with a launch-bound mark)."""
+    if not figures or figures["floor_ms"] is None:
+        return "-", "-"
+    times = "-" if figures["measured_over_floor"] is None else f"{figures['measured_over_floor']:,.1f}"
+    if figures.get("launch_bound"):
+        times += " launch-bound"
+    return f"{figures['floor_ms']:,.3f}", times
+
+
+def _print_profile(profile: dict[str, Any]) -> None:
+    table = Table(title=f"top kernels per stage (trace: {profile['trace']})", title_justify="left")
+    for column in ("stage", "kernel / operator", "self ms", "calls", "share"):
+        table.add_column(column, justify="left" if column in ("stage", "kernel / operator") else "right")
+    for stage, rows in profile["top"].items():
+        for index, row in enumerate(rows):
+            name = row["name"] if len(row["name"]) <= 70 else row["name"][:67] + "..."
+            table.add_row(
+                stage if index == 0 else "", name, _ms(row["self_ms"]), str(row["calls"]), f"{row['share']:.0%}"
+            )
+        table.add_section()
+    out.print(table)
 
 
 # ---------------------------------------------------------------------------------------------- compare

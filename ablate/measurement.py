@@ -19,10 +19,13 @@ from ablate.counting import check_fits, count_prefill_flops, count_vision, meta_
 from ablate.errors import AblateError, ResourceError, out_of_memory, unexpected
 from ablate.fidelity import first_token_fidelity
 from ablate.model import VLM, build
+from ablate.modes import empty_entry, prepare
 from ablate.options import Progress, default_dtype
 from ablate.preprocess import load_image, synthetic_image
+from ablate.profiling import profile_stages, trace_path
 from ablate.record import empty_record, environment, error_entry, image_entry, peak_memory, run_entry
 from ablate.registry import KINDS, Registry, get_registry
+from ablate.roofline import device_peak, prefill_bytes, roofline, vision_bytes
 from ablate.timing import StageTimer, time_stages
 
 
@@ -81,6 +84,7 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
         config=config.to_dict(),
         run=run_entry(options),
         env=environment(device, registry.versions()),
+        execution=empty_entry(options),
     )
     with peak_memory(device, record):
         where["stage"] = "reading the image"
@@ -94,13 +98,15 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
         meta_vlm = build(config, meta=True, registry=registry)
         record["params"] = meta_vlm.params()
         record["encoder_form"] = getattr(meta_vlm.encoder, "form", None)
-        flops, tokens, vision_out = count_vision(
-            meta_vlm, meta_context(meta_vlm, config.batch_size, config.prompt_tokens)
-        )
+        meta_ctx = meta_context(meta_vlm, config.batch_size, config.prompt_tokens)
+        flops, tokens, vision_out = count_vision(meta_vlm, meta_ctx)
         _fill_counts(record, meta_vlm, flops, tokens, config, vision_out)
         record["notes"].extend(note for kind in KINDS for note in getattr(meta_vlm, kind).notes())
+        traffic = _traffic(meta_vlm, meta_ctx, record, config)
+        peak = device_peak(device, options, record["env"]["device_name"])
         if options.count_only:
             _reducer_notes(record, meta_vlm, vision_out)
+            record["roofline"] = roofline(record, traffic, peak, record["execution"])
             record["image"] = image_entry(options.image, image)
             record["notes"].append("count-only: nothing was timed and no weights were allocated.")
             if options.fidelity:
@@ -136,27 +142,42 @@ def _run(config: VLMConfig, record: dict[str, Any], registry: Registry, progress
         pixels = pixels.unsqueeze(0).expand(config.batch_size, *pixels.shape).contiguous().to(device)
         ids = vlm.make_prompt(config.prompt_tokens, config.batch_size, options.seed).to(device)
         ctx = vlm.start(pixels, ids, image_size=image.size)
+        where["stage"] = f"preparing {options.mode} mode"
+        execution = prepare(vlm, ctx, options, progress)
+        record["execution"] = execution.entry
+        record["notes"] += execution.notes
+
+        where["stage"] = "timing"
         timer = where["timer"] = StageTimer(device)
         latency, spread, vision_out = time_stages(
-            vlm, lambda: vlm.encoder.prepare(image).to(device), ctx, options, timer, progress
+            execution, lambda: vlm.encoder.prepare(image).to(device), execution.ctx, options, timer, progress
         )
         record["latency_ms"], record["latency_spread_ms"] = latency, spread
         where["timer"] = None
+        if options.profile:
+            where["stage"] = "profiling"
+            progress("profiling", 0, 1)
+            path = trace_path(options.profile, config.name, record["execution"]["used"]["mode"])
+            record["profile"] = profile_stages(execution, execution.ctx, path, device)
         if record["visual_tokens"] is None:  # image-dependent counts: take them from the real run
             where["stage"] = "counting the data-dependent stages"
             with torch.inference_mode():
                 real_flops, real_tokens, vision_out = count_vision(vlm, ctx, stop_at_unknown=False)
             flops = {**real_flops, "encoder": flops["encoder"]}  # meta counts attention kernels; keep its figure
             _fill_counts(record, meta_vlm, flops, real_tokens, config, vision_out)
+            with torch.inference_mode():
+                traffic = {**traffic, **vision_bytes(vlm, execution.ctx, stop_at_unknown=False)}
+            traffic.update(_traffic(meta_vlm, None, record, config))
             record["notes"].append(
                 f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: token counts "
                 f"and the FLOPs from it on are those of the measured image."
             )
         _reducer_notes(record, meta_vlm, vision_out)
+        record["roofline"] = roofline(record, traffic, peak, record["execution"])
         if options.fidelity:
             where["stage"] = "measuring fidelity against the model without its reducer"
             progress("measuring fidelity", 0, 1)
-            record["fidelity"] = first_token_fidelity(vlm, ctx)
+            record["fidelity"] = first_token_fidelity(vlm, execution.ctx)
 
 
 def _fill_counts(record, meta_vlm: VLM, flops: dict, tokens: dict, config: VLMConfig, out: StageContext) -> None:
@@ -189,6 +210,14 @@ def _reducer_notes(record, vlm: VLM, out: StageContext) -> None:
         f"LLM: layers 0..{pruning.layer - 1} see {count}, layers {pruning.layer}..{layers - 1} see {pruning.keep}"
         + (f" ({average:.1f} per layer on average, the count FastV and SparseVLM report)." if average else ".")
     )
+
+
+def _traffic(meta_vlm: VLM, meta_ctx, record: dict[str, Any], config: VLMConfig) -> dict[str, Any]:
+    """Bytes moved per stage, on the meta device: the vision stages on `meta_ctx` (None: skip them) and the prefill."""
+    traffic = vision_bytes(meta_vlm, meta_ctx) if meta_ctx is not None else {}
+    if record["tokens"]["llm_input"] is not None:
+        traffic["prefill"] = prefill_bytes(meta_vlm, config.batch_size, record["tokens"]["llm_input"])
+    return traffic
 
 
 @contextmanager

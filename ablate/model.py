@@ -158,19 +158,23 @@ class VLM(nn.Module):
         text: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
+        position: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Prompt embeddings with each row's single image placeholder replaced by its N visual tokens.
 
         `text`: the prompt's embeddings if already computed. Labels get IGNORE_INDEX and the attention mask 1 at the
-        visual positions, so all three stay aligned.
+        visual positions, so all three stay aligned. `position`: the placeholder's index in every row, as
+        `image_position` found it; then nothing waits for the device (CUDA graph capture).
         """
-        is_image = input_ids == self.image_token_id
-        per_row = is_image.sum(dim=1)
-        if not bool((per_row == 1).all()):
-            raise ConfigError(
-                f"Each prompt must hold exactly one image placeholder (id {self.image_token_id}); found "
-                f"{per_row.tolist()} per row. Put one image_token_id in every prompt (see VLM.make_prompt)."
-            )
+        if position is None:
+            is_image = input_ids == self.image_token_id
+            per_row = is_image.sum(dim=1)
+            if not bool((per_row == 1).all()):
+                raise ConfigError(
+                    f"Each prompt must hold exactly one image placeholder (id {self.image_token_id}); found "
+                    f"{per_row.tolist()} per row. Put one image_token_id in every prompt (see VLM.make_prompt)."
+                )
         if visual.shape[0] != input_ids.shape[0]:
             raise ConfigError(f"{visual.shape[0]} images for {input_ids.shape[0]} prompts: give one image per prompt.")
         # Embedding the placeholder id is harmless: its row is cut out below.
@@ -181,19 +185,21 @@ class VLM(nn.Module):
             "labels": (labels, lambda t: torch.full((t.shape[0], n), IGNORE_INDEX, dtype=t.dtype, device=t.device)),
             "mask": (attention_mask, lambda t: torch.ones((t.shape[0], n), dtype=t.dtype, device=t.device)),
         }
-        position = is_image.int().argmax(dim=1)
-        if bool((position == position[0]).all()):  # the common case: one slice, no Python loop over rows
-            p = int(position[0])
+        if position is None:
+            per_row_position = is_image.int().argmax(dim=1)
+            if bool((per_row_position == per_row_position[0]).all()):  # the common case: one slice, no row loop
+                position = int(per_row_position[0])
+        if position is not None:
 
             def cut(t, middle):
-                return torch.cat([t[:, :p], middle, t[:, p + 1 :]], dim=1)
+                return torch.cat([t[:, :position], middle, t[:, position + 1 :]], dim=1)
 
             extra = [None if t is None else cut(t, make(t)) for t, make in fill.values()]
             return cut(text, visual), extra[0], extra[1]
 
         def rows(t, middle):
             return torch.stack(
-                [torch.cat([t[i, :p], middle[i], t[i, p + 1 :]]) for i, p in enumerate(position.tolist())]
+                [torch.cat([t[i, :p], middle[i], t[i, p + 1 :]]) for i, p in enumerate(per_row_position.tolist())]
             )
 
         extra = [None if t is None else rows(t, make(t)) for t, make in fill.values()]
@@ -203,6 +209,14 @@ class VLM(nn.Module):
         """(B, count) positions of each row's visual tokens in the spliced sequence (they replace the placeholder)."""
         start = (input_ids == self.image_token_id).int().argmax(dim=1, keepdim=True)
         return start + torch.arange(count, device=input_ids.device)
+
+    def image_position(self, input_ids: torch.Tensor) -> int | None:
+        """The image placeholder's index when every row holds exactly one, at the same index; None otherwise."""
+        is_image = (input_ids == self.image_token_id).cpu()
+        if not bool((is_image.sum(dim=1) == 1).all()):
+            return None
+        position = is_image.int().argmax(dim=1)
+        return int(position[0]) if bool((position == position[0]).all()) else None
 
     def make_prompt(self, prompt_tokens: int, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
         """Synthetic prompt ids: the image placeholder, then `prompt_tokens` random text ids (LLaVA order)."""

@@ -16,7 +16,10 @@ import torch
 from ablate.errors import ConfigError, ResourceError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODES = ("eager",)  # torch.compile and CUDA graphs come with the performance-modes work
+# eager: plain PyTorch calls. compile: torch.compile per component. cudagraph: CUDA graphs of each stage and of the
+# whole TTFT path, replayed (GPU only). See ablate/modes.py for what each does and how it falls back.
+MODES = ("eager", "compile", "cudagraph")
+MEMORY_FORMATS = ("contiguous", "channels_last")  # channels_last applies to the encoder's convolutions
 STAGES = ("encoder", "reducer", "connector", "prefill")  # timed stages, in the order of the default pipeline
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32)
 # Progress callback: (what is happening, step done, steps in all).
@@ -34,6 +37,14 @@ class ComponentDtypes:
 
 
 @dataclass
+class DevicePeak:
+    """The device's peak, overriding ablate.roofline's table (GPUs) or estimate (CPUs) for the run's dtype."""
+
+    tflops: float | None = None  # dense math peak in TFLOP/s
+    bandwidth_gbs: float | None = None  # memory bandwidth in GB/s
+
+
+@dataclass
 class RunOptions:
     """The `run:` config section."""
 
@@ -41,6 +52,9 @@ class RunOptions:
     dtype: str = "float32"  # every component's dtype unless `dtypes` says otherwise
     dtypes: ComponentDtypes = field(default_factory=ComponentDtypes)
     mode: str = "eager"
+    memory_format: str = "contiguous"
+    profile: str | None = None  # a torch.profiler trace file to write ("auto": ablate-trace-NAME-MODE.json here)
+    peak: DevicePeak = field(default_factory=DevicePeak)
     threads: int | None = None  # torch CPU threads; None: torch's choice
     warmup: int = 2  # untimed repeats first
     repeats: int = 5  # timed repeats; medians are reported
@@ -59,6 +73,16 @@ class RunOptions:
                 raise ConfigError(f"Unknown dtype '{value}' (run.{key}). Choose one of: {', '.join(DTYPES)}.")
         if self.mode not in MODES:
             raise ConfigError(f"Unknown mode '{self.mode}' (run.mode, --mode). Available modes: {', '.join(MODES)}.")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ConfigError(
+                f"Unknown memory format '{self.memory_format}' (run.memory_format, --memory-format). Choose one of: "
+                f"{', '.join(MEMORY_FORMATS)}."
+            )
+        for key, value in vars(self.peak).items():
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ConfigError(
+                    f"run.peak.{key} must be a positive number, not {value!r}. Leave it unset for the table."
+                )
         if self.repeats < 1:
             raise ConfigError(f"run.repeats (--repeats) must be at least 1, not {self.repeats}.")
         if self.warmup < 0:
@@ -71,6 +95,15 @@ class RunOptions:
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"run.seed (--seed) must be between 0 and {MAX_SEED}, not {self.seed}.")
+        if self.profile is not None:
+            if self.count_only:
+                raise ConfigError("run.profile (--profile) profiles a timed run: drop --count-only (run.count_only).")
+            folder = os.path.dirname(os.path.abspath(self.profile))
+            if self.profile != "auto" and not os.path.isdir(folder):
+                raise ConfigError(
+                    f"The folder of the trace file {self.profile} (run.profile, --profile) does not exist: create it "
+                    f"or give another path (--profile alone writes ablate-trace-NAME-MODE.json here)."
+                )
         if self.image is not None and not os.path.isfile(self.image):
             raise ConfigError(f"Image file {self.image} (run.image, --image) does not exist. Give a PNG or JPEG path.")
         check_device(self.device)

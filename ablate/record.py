@@ -20,6 +20,12 @@ Schema (version 2):
     config{...}             the resolved config, run section included (as asked for)
     fidelity                None, or with run.fidelity: {top1_agreement, kl, rows, reference}: the reduced model's
                             first token against the same model without its reducer (`ablate.fidelity`)
+    execution{...}          how the timed stages ran (ablate.modes): requested{mode, dtypes, memory_format} vs
+                            used{...}, stages{STAGE: how it ran}, ttft (one graph, or stages in turn), fallbacks[],
+                            timer, setup_s, graph_breaks, deviation_from_eager{STAGE}, eager_ms (GPU), cpu{isa, bf16}
+    roofline{peak, launch_bound_ratio, stages{STAGE and ttft: {flops, bytes, bytes_unfused, dtype, peak_tflops,
+             intensity, floor_ms, bound, measured_ms, measured_over_floor, eager_ms, launch_bound}}}  (ablate.roofline)
+    profile                 None, or {trace: path, top{STAGE: [{name, self_ms, calls, share}]}} (--profile)
     notes[]                 what a reader must know about the figures (count-only, data-dependent counts, ...)
     error                   None, or {type, message, stage, plugin, log}
 """
@@ -42,7 +48,9 @@ import torch
 
 from ablate.counting import VISION_STAGES
 from ablate.errors import AblateError, PluginFailure
+from ablate.modes import empty_entry
 from ablate.options import STAGES, RunOptions
+from ablate.roofline import empty_roofline
 from ablate.timing import LATENCY_KEYS
 from ablate.version import __version__
 
@@ -71,6 +79,9 @@ def empty_record() -> dict[str, Any]:
         "env": None,
         "config": None,
         "fidelity": None,
+        "execution": empty_entry(),
+        "roofline": empty_roofline(),
+        "profile": None,
         "notes": [],
         "error": None,
     }

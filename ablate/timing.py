@@ -1,4 +1,11 @@
-"""Stage timing: synchronized wall-clock samples, warm-up discarded, medians with spread."""
+"""Stage timing: synchronized samples, warm-up discarded, medians with spread.
+
+Sync discipline. CPU: perf_counter around each call (the work is done when the call returns). GPU: the device is
+synchronized before each timed call, so no earlier work is queued and the start event fires when the call begins;
+CUDA events are recorded around the call, and the host waits on the end event before reading the elapsed time.
+A sample is thus the call's launch plus its GPU work, the latency a user sees, without the host's
+synchronization jitter. Nothing is timed while another timed call's work is still in flight.
+"""
 
 from __future__ import annotations
 
@@ -39,11 +46,20 @@ class StageTimer:
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         self.current = name
         synchronize(self.device)
-        start = time.perf_counter()
-        result = fn(*args)
-        synchronize(self.device)
+        if self.device.type == "cuda":
+            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_event.record()
+            result = fn(*args)
+            end_event.record()
+            end_event.synchronize()
+            elapsed = start_event.elapsed_time(end_event)
+        else:
+            start = time.perf_counter()
+            result = fn(*args)
+            synchronize(self.device)
+            elapsed = (time.perf_counter() - start) * 1000.0
         if self.recording:
-            self.samples[name].append((time.perf_counter() - start) * 1000.0)
+            self.samples[name].append(elapsed)
         self.current = None
         return result
 
@@ -57,7 +73,7 @@ def spread(values: list[float]) -> float:
 
 
 def time_stages(
-    vlm,
+    execution,
     prepare: Callable[[], torch.Tensor],
     ctx: StageContext,
     options: RunOptions,
@@ -66,8 +82,9 @@ def time_stages(
 ) -> tuple[dict[str, float], dict[str, float], StageContext]:
     """Medians and spreads (ms) of preprocessing, each stage, their sum and one-call TTFT; and the last vision output.
 
-    Every repeat times the whole TTFT as one call and the stages one by one, so both see the same machine state;
-    which goes first alternates, so slow drift (clocks, caches) hits both alike.
+    `execution` (ablate.modes.Execution) holds the stages to call in order and the one-call TTFT, as the run's mode
+    made them. Every repeat times the whole TTFT as one call and the stages one by one, so both see the same
+    machine state; which goes first alternates, so slow drift (clocks, caches) hits both alike.
     """
     total = options.warmup + options.repeats
     vision_out = ctx
@@ -77,14 +94,14 @@ def time_stages(
             timer.recording = step >= options.warmup
             timer("preprocess", prepare)
             if step % 2:
-                timer("ttft", lambda: vlm.prefill_stage(vlm.run_vision(ctx)))
+                timer("ttft", execution.ttft, ctx)
             out: Any = ctx
-            for name, stage in vlm.stages():
+            for name, stage in execution.stages:
                 if name == "prefill":
                     vision_out = out
                 out = timer(name, stage, out)
             if not step % 2:
-                timer("ttft", lambda: vlm.prefill_stage(vlm.run_vision(ctx)))
+                timer("ttft", execution.ttft, ctx)
         progress("done", total, total)
     samples = timer.samples
     samples["stage_sum"] = [sum(parts) for parts in zip(*(samples[name] for name in STAGES))]

@@ -1,81 +1,93 @@
-"""Does the toolkit add overhead? FastVLM-0.5B TTFT by hand (timm + transformers) vs through `ablate`.
+"""Does the toolkit add overhead? FastVLM TTFT by hand (timm + transformers) vs through `ablate`, in each mode.
 
-Both paths run the same weights on the same pixels and prompt, alternating in one process; the script checks
-that they give the same logits, then prints medians and the ratio (target: toolkit / hand <= 1.03).
+For each mode, both paths hold the same weights in the same dtype and memory format and run the same pixels and
+prompt, alternating in one process. The script checks that their logits agree, then reports medians, spreads and
+the per-round ratio toolkit / hand (target: <= 1.03 in every mode). The toolkit runs as `ablate run` does
+(ablate.modes.prepare); the hand-written path compiles or graph-captures its whole TTFT function at once.
 
-    python benchmarks/toolkit_overhead.py --image-size 512 --repeats 10
+    python benchmarks/toolkit_overhead.py --image-size 512 --modes eager compile --repeats 10
 """
 
 from __future__ import annotations
 
 import argparse
-from statistics import median
+import gc
 
-import timm
 import torch
 from alternate import alternate
-from torch import nn
-from transformers import AutoModelForCausalLM
+from hand import hand_written
+from report import paired_ratio, timing, write_json
 
 import ablate
-
-
-def hand_written(vlm):
-    """FastVLM-0.5B written directly against timm and transformers, holding the toolkit model's weights."""
-    encoder = timm.create_model("fastvit_mci3", pretrained=False, num_classes=0, inference_mode=True)
-    projector = nn.Sequential(nn.Linear(3072, 896), nn.GELU(), nn.Linear(896, 896))
-    lm = AutoModelForCausalLM.from_config(vlm.decoder.lm.config, attn_implementation="sdpa")
-    encoder.load_state_dict(vlm.encoder.model.state_dict())
-    projector.load_state_dict(vlm.connector.layers.state_dict())
-    lm.load_state_dict(vlm.decoder.lm.state_dict())
-    encoder.eval(), projector.eval(), lm.eval()
-
-    def ttft(pixels, input_ids):
-        features = encoder.forward_features(pixels).flatten(2).transpose(1, 2)
-        visual = projector(features)
-        text = lm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([visual, text[:, 1:]], dim=1)  # the image placeholder is the first id
-        return lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    return ttft
+from ablate.modes import prepare
+from ablate.options import DTYPES, RunOptions
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="fastvlm-0.5b")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "cudagraph"])
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
+    )
+    parser.add_argument("--json", help="output file (default: benchmarks/results/toolkit_overhead.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    torch.manual_seed(0)
-    vlm = ablate.build("fastvlm-0.5b", [f"encoder.image_size={args.image_size}"])
-    by_hand = hand_written(vlm)
-    pixels = torch.rand(1, 3, args.image_size, args.image_size)
-    input_ids = vlm.make_prompt(args.prompt_tokens)
-
-    with torch.inference_mode():
-        difference = (vlm.prefill(pixels, input_ids) - by_hand(pixels, input_ids)).abs().max().item()
-        assert difference < 1e-4, f"the two paths disagree (max abs logit difference {difference})"
-        samples = alternate(
-            {"hand": lambda: by_hand(pixels, input_ids), "toolkit": lambda: vlm.prefill(pixels, input_ids)},
-            repeats=args.repeats,
+    results = []
+    for mode in args.modes:
+        torch.manual_seed(0)
+        overrides = [f"encoder.image_size={args.image_size}", f"run.dtype={args.dtype}"]
+        vlm = ablate.build(args.preset, overrides, device=args.device)
+        ids = vlm.make_prompt(args.prompt_tokens)
+        pixels = torch.rand(1, 3, args.image_size, args.image_size, device=args.device)
+        options = RunOptions(device=args.device, dtype=args.dtype, mode=mode, memory_format=args.memory_format)
+        # The toolkit first: prepare() starts torch.compile afresh (torch._dynamo.reset), which would drop the hand
+        # path's compiled code if that were compiled before.
+        execution = prepare(vlm, vlm.start(pixels.to(DTYPES[args.dtype]), ids), options)
+        by_hand = hand_written(vlm, DTYPES[args.dtype], args.memory_format, mode, pixels, ids)
+        with torch.inference_mode():
+            toolkit_logits, hand_logits = execution.ttft(execution.ctx).float(), by_hand().float()
+            difference = ((toolkit_logits - hand_logits).abs().max() / hand_logits.abs().max()).item()
+            assert difference < (1e-4 if args.dtype == "float32" else 3e-2), f"{mode}: paths disagree ({difference})"
+            samples = alternate(
+                {"hand": by_hand, "toolkit": lambda execution=execution: execution.ttft(execution.ctx)},
+                repeats=args.repeats,
+                clock=args.clock,
+            )
+        row = {
+            "mode": mode,
+            "used": execution.entry["used"],
+            "fallbacks": execution.entry["fallbacks"],
+            "relative_logit_difference": difference,
+            "hand": timing(samples["hand"]),
+            "toolkit": timing(samples["toolkit"]),
+            "toolkit_over_hand": paired_ratio(samples["toolkit"], samples["hand"]),
+        }
+        results.append(row)
+        ratio = row["toolkit_over_hand"]
+        print(
+            f"{mode:9} hand {row['hand']['median_ms']:9.1f} ms  toolkit {row['toolkit']['median_ms']:9.1f} ms  "
+            f"toolkit/hand {ratio['median']:.3f} (IQR {ratio['iqr']:.3f}, range {ratio['min']:.3f}-{ratio['max']:.3f}; "
+            f"of minima {row['toolkit']['min_ms'] / row['hand']['min_ms']:.3f})"
+            f"  logits differ by {difference:.1e} (relative)  [target <= 1.03]",
+            flush=True,
         )
-    hand, toolkit = median(samples["hand"]), median(samples["toolkit"])
-    fastest_hand, fastest_toolkit = min(samples["hand"]), min(samples["toolkit"])
+        del vlm, by_hand, execution
+        gc.collect()
     print(
-        f"FastVLM-0.5B TTFT at {args.image_size} px, {vlm.num_visual_tokens()} visual + {args.prompt_tokens} "
-        f"prompt tokens, {torch.get_num_threads()} threads, {args.repeats} alternating repeats"
+        f"{args.preset} at {args.image_size} px, {args.dtype}, {args.memory_format}, {torch.get_num_threads()} "
+        f"threads, {args.repeats} alternating rounds, {args.clock} clock"
     )
-    print(f"  max abs logit difference: {difference:.2e}")
-    print(f"  hand-written (timm + transformers): {hand:9.1f} ms median")
-    print(f"  through ablate:                     {toolkit:9.1f} ms median")
-    print(
-        f"  ratio toolkit / hand: {toolkit / hand:.3f} of medians, {fastest_toolkit / fastest_hand:.3f} of minima"
-        f"  (target <= 1.03)"
-    )
+    write_json(args.json, "toolkit_overhead", args, results)
 
 
 if __name__ == "__main__":

@@ -250,7 +250,9 @@ class FastViT(VisionEncoder):
             x = stage(x)
             if str(index) in self.fusion:
                 fused.append(self.fusion[str(index)](x))
-        x = torch.cat([self.model.final_conv(x), *fused], dim=1)
+        x = self.model.final_conv(x)
+        if fused:  # a one-tensor cat would copy the whole map for nothing
+            x = torch.cat([x, *fused], dim=1)
         layout = TokenLayout.grid_of(x.shape[2], x.shape[3], ctx.layout.image_size)
         attention = None
         if ATTENTION in self.requested:

@@ -13,6 +13,7 @@ from typing import Literal
 
 import timm
 import torch
+from timm.utils.model import reparameterize_model
 
 from ablate.components import (
     ATTENTION,
@@ -41,6 +42,9 @@ class TimmEncoderConfig(EncoderConfig):
     attention_block: int | None = None
     resize: Literal["pad", "squash", "center_crop"] = "pad"
     model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+    # Fuse multi-branch blocks (FastViT, MobileOne, RepVGG...) into their inference form, as deployed, after any
+    # weights load; false keeps (and times) the train form. No effect on models without such blocks.
+    reparameterize: bool = True
 
 
 class TimmEncoder(VisionEncoder):
@@ -59,6 +63,9 @@ class TimmEncoder(VisionEncoder):
         super().__init__(self.resolve_config(config))
         config = self.config
         self.model = _create(config)
+        self._fused = False
+        if not config.weights or _on_meta(self.model):  # with weights: after load_weights (checkpoints: train form)
+            self._fuse()
         self.stride = _stride(self.model)
         self.num_prefix = getattr(self.model, "num_prefix_tokens", 0)
         self._has_cls = bool(getattr(self.model, "cls_token", None) is not None)
@@ -191,6 +198,19 @@ class TimmEncoder(VisionEncoder):
         else:
             tensors = {key: value for key, value in tensors.items() if not key.startswith("head.")}  # a classifier
             load_state_dict_strict(self.model, tensors, what)
+        self._fuse()
+
+    @property
+    def form(self) -> str | None:
+        """'inference' (fused) or 'train' (multi-branch) for reparameterizable models; None for the others."""
+        if not _reparameterizable(self.model):
+            return None
+        return "inference" if self._fused else "train"
+
+    def _fuse(self) -> None:
+        if self.config.reparameterize and _reparameterizable(self.model) and not self._fused:
+            reparameterize_model(self.model, inplace=True)
+            self._fused = True
 
     # ------------------------------------------------------------------------------------- internals
 
@@ -268,6 +288,14 @@ def _create(config: TimmEncoderConfig) -> torch.nn.Module:
             f"timm cannot build {config.model_name} with encoder.model_kwargs={config.model_kwargs} at "
             f"{config.image_size} px: {type(exc).__name__}: {exc}. Fix or remove the offending encoder.model_kwargs key."
         ) from None
+
+
+def _reparameterizable(model: torch.nn.Module) -> bool:
+    return any(hasattr(module, "reparameterize") for module in model.modules())
+
+
+def _on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def _native_size(model_name: str) -> int:
