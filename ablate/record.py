@@ -19,6 +19,7 @@ Schema (version 2):
         cpu_count}
     config{...}             the resolved config, run section included (as asked for)
     notes[]                 what a reader must know about the figures (count-only, data-dependent counts, ...)
+    accuracy                None, or {exact_match, anls, n, chance, split, ...} for a trained model (`ablate eval`)
     error                   None, or {type, message, stage, plugin, log}
 """
 
@@ -69,6 +70,7 @@ def empty_record() -> dict[str, Any]:
         "env": None,
         "config": None,
         "notes": [],
+        "accuracy": None,
         "error": None,
     }
 
