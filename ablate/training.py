@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -219,7 +220,7 @@ def train(
             dataset = ConversationDataset(
                 examples, tokenizer, template, vlm.image_token_id, vlm.encoder.prepare, options.max_length
             )
-            bases = [group["lr"] for group in optimizer.param_groups]
+            bases = [getattr(stage.lr, group["name"]) for group in optimizer.param_groups]
             window: list[float] = []
             for stage_step in range(first, steps):
                 tick = time.perf_counter()
@@ -317,7 +318,7 @@ class _Logger:
             import wandb
 
             run_file = out / "wandb_id"
-            run_id = run_file.read_text().strip() if resumed and run_file.is_file() else wandb.util.generate_id()
+            run_id = run_file.read_text().strip() if resumed and run_file.is_file() else secrets.token_hex(4)
             run_file.write_text(run_id)
             self.wandb_run = wandb.init(
                 project=config.train.wandb_project,

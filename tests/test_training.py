@@ -141,22 +141,22 @@ def nested_registry() -> Registry:
 
 
 def test_m3_loss_is_the_mean_of_the_per_scale_losses(nested_registry):
-    overrides = ["encoder.image_size=256", "reducer=test-nested-pool", "reducer.tokens=16"]
+    overrides = ["encoder.image_size=128", "reducer=test-nested-pool", "reducer.tokens=4"]
     config = load_config("tiny", overrides, nested_registry)
     torch.manual_seed(0)
     vlm = build_for_stage(config, config.train.stages[1], nested_registry)
     assert vlm.reducer.config.all_scales  # training turns every scale on
-    pixels, ids, labels = _batch(vlm, size=256)
+    pixels, ids, labels = _batch(vlm, size=128)
     loss, per_scale = training_loss(vlm, pixels, ids, labels)
-    assert sorted(per_scale) == [1, 4, 16]
+    assert sorted(per_scale) == [1, 4]
     separate = {}
     for count in per_scale:  # the same weights, one budget at a time, as plain `vlm(...).loss`
         single = ablate.build(config, [f"reducer.tokens={count}"], registry=nested_registry, train=True)
         single.load_state_dict(vlm.state_dict())
-        separate[count] = float(single(pixels, ids, labels=labels).loss)
+        separate[count] = float(single(pixels, ids, labels=labels).loss.detach())
     assert per_scale == pytest.approx(separate, rel=1e-5)
-    assert float(loss) == pytest.approx(sum(separate.values()) / 3, rel=1e-5)
-    assert len({round(value, 4) for value in separate.values()}) == 3  # the scales really differ
+    assert float(loss) == pytest.approx(sum(separate.values()) / 2, rel=1e-5)
+    assert len({round(value, 4) for value in separate.values()}) == 2  # the scales really differ
     loss.backward()  # one graph through every scale
     assert vlm.connector.layers[0].weight.grad is not None
 
@@ -193,7 +193,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_the_curve_continues(data, 
     resumed = train("synth-tiny", QUICK, data=data, out=tmp_path / "killed")
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
     assert [step for step, _ in _losses(tmp_path / "killed")] == [1, 2, 3, 4, 5, 6]  # no gap, no repeat
-    assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "straight"))
+    assert [loss for _, loss in _losses(tmp_path / "killed")] == pytest.approx(
+        [loss for _, loss in _losses(tmp_path / "straight")]
+    )
     final, reference = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("killed", "straight"))
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
 
@@ -223,7 +225,7 @@ def test_train_then_eval_round_trip(data, tmp_path):
         "encoder.image_size=64",
         "train.batch_size=4",
         "train.save_every=1000",
-        "train.stages=[{base: stage2, data: test.json, steps: 60, warmup: 0}]",
+        "train.stages=[{base: stage2, data: test.json, steps: 120, warmup: 0, schedule: constant}]",
         *[f"train.stages.0.lr.{kind}=3e-3" for kind in ("encoder", "connector", "decoder")],
     ]
     summary = train("synth-tiny", overrides, data=data, out=tmp_path / "run")
@@ -257,3 +259,15 @@ def test_stage_options_are_dataclasses_in_the_record():
     config = load_config("synth-tiny")
     as_dict = config.to_dict()["train"]["stages"][1]
     assert as_dict == dataclasses.asdict(config.train.stages[1]) and as_dict["name"] == "stage2"
+
+
+def test_wandb_logs_the_curve_offline(data, tmp_path, monkeypatch):
+    """The real client, offline: the run's records (history keys, config) are in its .wandb file."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train("synth-tiny", [*QUICK, "train.wandb=true"], data=data, out=tmp_path / "run")
+    (records,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    content = records.read_bytes()
+    for key in (b"train/loss", b"train/lr/connector", b"train/images_per_s", b"synth-tiny"):
+        assert key in content, key
+    assert (tmp_path / "run" / "wandb_id").read_text() in records.name  # a resumed run continues this W&B run

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -67,14 +68,15 @@ def test_unknown_template_names_the_choices():
 
 
 @pytest.mark.parametrize("name", ["chatml", "vicuna_v1"])
-def test_only_assistant_tokens_carry_labels(tokenizer, name):
+def test_only_assistant_tokens_carry_labels(synth, tokenizer, name):
     template = TEMPLATES[name]
-    turns = [("<image>\nWhat word is written in the image?", "hair"), ("Read the word in the picture.", "army")]
+    first, second = json.loads((synth / "meta.json").read_text())["answers"][:2]
+    turns = [("<image>\nWhat word is written in the image?", first), ("Read the word in the picture.", second)]
     ids, labels = encode(tokenizer, template, template.segments(turns), IMAGE_ID)
     assert ids.count(IMAGE_ID) == 1 and labels[ids.index(IMAGE_ID)] == IGNORE_INDEX
     kept = [tokenizer.convert_ids_to_tokens(label) for label in labels if label != IGNORE_INDEX]
     stop = template.stop
-    assert kept == ["hair", stop, "army", stop]
+    assert kept == [first, stop, second, stop]
     assert [label for label, token in zip(labels, ids) if label != IGNORE_INDEX] == [
         token for label, token in zip(labels, ids) if label != IGNORE_INDEX
     ]
@@ -85,12 +87,15 @@ def test_only_assistant_tokens_carry_labels(tokenizer, name):
 def test_collate_pads_with_ignored_labels_and_a_zero_mask(synth, tokenizer):
     examples, _ = read_examples(synth / "train.json")
     dataset = ConversationDataset(examples[:3], tokenizer, TEMPLATES["chatml"], IMAGE_ID, lambda image: torch.zeros(3))
-    dataset.encoded[1] = (dataset.encoded[1][0][:-2], dataset.encoded[1][1][:-2])  # one shorter row
+    dataset.encoded[1] = (dataset.encoded[1][0][:-2], dataset.encoded[1][1][:-2])  # at least one shorter row
     batch = dataset.collate([dataset[i] for i in range(3)])
     length = batch["input_ids"].shape[1]
-    assert batch["attention_mask"][1].tolist() == [1] * (length - 2) + [0, 0]
-    assert batch["labels"][1, -2:].tolist() == [IGNORE_INDEX] * 2
-    assert batch["input_ids"][1, -2:].tolist() == [tokenizer.pad_token_id] * 2
+    for row, (ids, labels) in enumerate(dataset.encoded):
+        padding = length - len(ids)
+        assert batch["attention_mask"][row].tolist() == [1] * len(ids) + [0] * padding
+        assert batch["input_ids"][row].tolist() == ids.tolist() + [tokenizer.pad_token_id] * padding
+        assert batch["labels"][row].tolist() == labels.tolist() + [IGNORE_INDEX] * padding
+    assert length - len(dataset.encoded[1][0]) >= 2
 
 
 # ------------------------------------------------------------------------------------------ data errors
@@ -216,12 +221,12 @@ def test_the_tokenizer_covers_every_template_and_answer(synth, tokenizer):
 
 
 def test_font_size_is_the_readability_knob(tmp_path):
-    """Bigger text puts more dark pixels on the canvas (the text is the only near-black ink)."""
+    """Bigger text covers more of the canvas."""
     ink = []
     for size in (8, 24):
         generate(tmp_path / str(size), SynthOptions(seed=0, train=1, test=1, font_size=(size, size), clutter=0))
-        pixels = torch.tensor(list(Image.open(tmp_path / str(size) / "images" / "train-00000.png").getdata()))
-        ink.append(int((pixels.max(dim=1).values < 80).sum()))
+        pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / str(size) / "images" / "train-00000.png")))
+        ink.append(int((pixels != pixels[0, 0]).any(dim=-1).sum()))  # no clutter: all but the text is background
     assert ink[1] > 4 * ink[0] > 0
 
 

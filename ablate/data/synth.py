@@ -58,11 +58,12 @@ class SynthOptions:
     train: int = 2000  # training records
     test: int = 200  # held-out records (new images; answers from the same pool)
     image_size: int = 256  # the square canvas, pixels
-    font_size: tuple[int, int] = (14, 16)  # text height range on the canvas, pixels: the readability knob
+    font_size: tuple[int, int] = (20, 24)  # text height range on the canvas, pixels: the readability knob
     kind: Literal["words", "numbers"] = "words"
     answers: int = 16  # size of the answer pool: chance = 1 / answers
-    clutter: int = 8  # distractor shapes (lines, boxes, circles) per image
-    position: Literal["jitter", "random", "center"] = "jitter"  # jitter: around the centre; random: anywhere
+    clutter: int = 6  # distractor shapes (lines, boxes, circles) per image
+    # center: the middle; jitter: near it; random: anywhere. Off-centre text takes a from-scratch model many more steps.
+    position: Literal["center", "jitter", "random"] = "center"
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**32:
