@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=None, help="folder for the PNGs (default: --work)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=10, help="timing repeats per resolution")
+    parser.add_argument("--threads", type=int, default=1, help="timing threads (synth-tiny trains with 1)")
     args = parser.parse_args()
     data = args.work / "data"
     if not (data / "meta.json").is_file():
@@ -42,7 +43,7 @@ def main() -> None:
         started = time.perf_counter()
         summary = train("synth-tiny", [f"encoder.image_size={size}"], data=data, out=run_dir)
         wall = summary["wall_s"] if summary["resumed_from_step"] is None else None
-        record = evaluate(run_dir, data=data, repeats=args.repeats, warmup=2)
+        record = evaluate(run_dir, data=data, repeats=args.repeats, warmup=2, threads=args.threads)
         record["train_wall_s"] = wall
         (run_dir / "eval.json").write_text(json.dumps(record, indent=1))
         rows.append((size, record, wall, time.perf_counter() - started))

@@ -63,7 +63,7 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     overrides = [
         "encoder.image_size=64",
         "train.batch_size=4",
-        "train.stages=[{base: stage2, data: test.json, steps: 20, warmup: 0}]",
+        "train.stages=[{base: stage2, data: test.json, steps: 100, warmup: 0, schedule: constant}]",
         *[f"train.stages.0.lr.{kind}=3e-3" for kind in ("encoder", "connector", "decoder")],
     ]
     train("synth-tiny", overrides, data=root / "data", out=root / "run")
