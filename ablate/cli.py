@@ -1,4 +1,4 @@
-"""`ablate` command line: run, show, list, plugins.
+"""`ablate` command line: run, show, list, plugins, data, train, eval.
 
 Results go to stdout (with --json, exactly one JSON object, also on failure); everything for people goes to stderr.
 Bad input exits with code 2 and one paragraph that names the fix; an unexpected failure exits with 1, naming the
@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ablate.errors import EXIT_INTERRUPTED, AblateError, ConfigError, UsageError, unexpected
@@ -178,6 +178,50 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print exactly one JSON object (the result) on stdout")
     compare.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
     compare.set_defaults(handler=cmd_compare)
+
+    data = sub.add_parser("data", help="generate data sets (synth: the synthetic text-reading task)")
+    data_sub = data.add_subparsers(dest="data_command", parser_class=_Parser, required=True)
+    synth = data_sub.add_parser("synth", help="generate the synthetic text-rich VQA task (LLaVA format)")
+    synth.add_argument("--out", required=True, help="folder to write images, train/test JSON, tokenizer, meta.json")
+    synth.add_argument("--seed", type=int, default=0, help="seed: the same seed and options give the same bytes")
+    synth.add_argument("--train", type=int, default=2000, help="training records (default 2000)")
+    synth.add_argument("--test", type=int, default=200, help="held-out records (default 200)")
+    synth.add_argument("--image-size", type=int, default=256, help="canvas size in pixels (default 256)")
+    synth.add_argument("--font-size", default="20-24", help="text height on the canvas, N or LOW-HIGH (default 20-24)")
+    synth.add_argument("--kind", default="words", help="words or numbers (default words)")
+    synth.add_argument("--answers", type=int, default=16, help="answer pool size; chance = 1/answers (default 16)")
+    synth.add_argument("--clutter", type=int, default=6, help="distractor shapes per image (default 6)")
+    synth.add_argument("--position", default="center", help="center (default), jitter (near it) or random")
+    synth.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    synth.set_defaults(handler=cmd_data_synth)
+
+    train = sub.add_parser("train", help="train a config's stages (train: section) on a LLaVA-format data folder")
+    train.add_argument("config", help="preset name, YAML path, or a model directory to train further")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=8")
+    train.add_argument("--data", required=True, help="data folder: train.json (or each stage's `data`), images")
+    train.add_argument("--out", required=True, help="run folder; an interrupted run resumes when started again")
+    train.add_argument("--device", help="cpu, cuda, cuda:N (run.device)")
+    train.add_argument("--threads", type=int, help="torch CPU threads (run.threads)")
+    train.add_argument("--wandb", action="store_const", const=True, help="log to W&B (train.wandb)")
+    train.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="accuracy (exact match, ANLS) and timing of a trained model: one record")
+    evaluate.add_argument("run_dir", help="a training run folder (or one of its checkpoints)")
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.image_size=512")
+    evaluate.add_argument("--data", required=True, help="data folder holding the evaluation file")
+    evaluate.add_argument("--split", default="test.json", help="evaluation file in the data folder (default test.json)")
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N records only")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="questions answered at once (default 16)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
+    evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object (the record) on stdout")
+    evaluate.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    for flag in ("warmup", "repeats", "threads", "seed"):
+        evaluate.add_argument(f"--{flag}", type=int, help=f"timing: run.{flag}")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:N (run.device)")
+    evaluate.add_argument("--dtype", help="float32, bfloat16 or float16 (run.dtype)")
+    evaluate.set_defaults(handler=cmd_eval)
 
     plugins = sub.add_parser("plugins", help="list plugins, their versions, what they register and load errors")
     plugins.add_argument("--verbose", "-v", action="store_true", help="show tracebacks of failed plugins")
@@ -533,6 +577,104 @@ def _list_presets() -> None:
         first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "")
         table.add_row(name, str(path), first.lstrip("# "))
     out.print(table)
+
+
+# ---------------------------------------------------------------------------------------------- data, train, eval
+
+
+def cmd_data_synth(args) -> int:
+    from ablate.data.synth import SynthOptions, generate, parse_font_size
+
+    options = SynthOptions(
+        seed=args.seed,
+        train=args.train,
+        test=args.test,
+        image_size=args.image_size,
+        font_size=parse_font_size(args.font_size),
+        kind=args.kind,
+        answers=args.answers,
+        clutter=args.clutter,
+        position=args.position,
+    )
+    with err.status(f"generating {options.train} + {options.test} records in {args.out}"):
+        meta = generate(args.out, options)
+    err.print(
+        f"wrote {args.out}: {options.train} train / {options.test} test records, {len(meta['answers'])} answers "
+        f"(chance {meta['chance']:.1%}), tokenizer of {meta['tokenizer']['vocab_size']} tokens",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ablate.training import train
+
+    overrides = list(args.overrides)
+    overrides += [f"run.{flag}={getattr(args, flag)}" for flag in ("device", "threads") if getattr(args, flag)]
+    overrides += ["train.wandb=true"] if args.wandb else []
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[figures]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, step: int, steps: int, figures: dict[str, float]) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=steps, completed=step - 1, figures="")
+            text = (
+                f"loss {figures['loss']:.4f}  {figures['images_per_s']:.1f} img/s  {figures['tokens_per_s']:,.0f} tok/s"
+            )
+            bar.update(tasks[stage], completed=step, figures=text)
+
+        summary = train(args.config, overrides, data=args.data, out=args.out, progress=progress)
+    resumed = f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] is not None else ""
+    skipped = f", {summary['skipped_records']} bad records skipped" if summary["skipped_records"] else ""
+    loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    out.print(
+        f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s{resumed}{skipped}; final loss {loss}; "
+        f"model in {summary['run_dir']} (`ablate eval {summary['run_dir']} --data DIR`)",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ablate.evaluation import evaluate
+
+    run_options = {
+        flag: getattr(args, flag)
+        for flag in ("warmup", "repeats", "threads", "seed", "device", "dtype")
+        if getattr(args, flag) is not None
+    }
+    with err.status(f"evaluating {args.run_dir} on {args.split}"):
+        record = evaluate(
+            args.run_dir,
+            args.overrides,
+            data=args.data,
+            split=args.split,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            skip_bad=args.skip_bad,
+            **run_options,
+        )
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print_record(record)
+        accuracy = record["accuracy"]
+        chance = "" if accuracy["chance"] is None else f" (chance {accuracy['chance']:.1%})"
+        out.print(
+            f"accuracy on {accuracy['n']} records of {accuracy['split']}: exact match {accuracy['exact_match']:.1%}, "
+            f"ANLS {accuracy['anls']:.3f}{chance}",
+            highlight=False,
+        )
+    return 0
 
 
 def cmd_plugins(args) -> int:

@@ -35,10 +35,13 @@ from ablate.components import literal_fields
 from ablate.errors import AblateError, ConfigError, did_you_mean
 from ablate.options import RunOptions
 from ablate.registry import KINDS, Registry, get_registry
+from ablate.train_options import StageConfig, TrainOptions, check_stage, check_train
 
 PRESET_DIRS_ENV = "ABLATE_PRESETS"  # extra preset folders, os.pathsep-separated, searched first
 RUN = "run"
-SECTIONS = KINDS + (RUN,)  # top-level keys whose values are nodes of sub-keys
+TRAIN = "train"  # how the config is trained (ablate.train_options); ignored by `ablate run`
+SECTIONS = KINDS + (RUN, TRAIN)  # top-level keys whose values are nodes of sub-keys
+STAGES_FOLDER = "stages"  # stage presets: PRESET_DIR/stages/NAME.yaml
 
 
 @dataclass
@@ -69,6 +72,7 @@ class VLMConfig(Settings):
     connector: Any = None
     decoder: Any = None
     run: RunOptions = field(default_factory=RunOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
     sources: list[str] = field(default_factory=list)  # files it was composed from, for the record
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +80,7 @@ class VLMConfig(Settings):
         for kind in KINDS:
             out[kind] = dataclasses.asdict(getattr(self, kind))
         out[RUN] = dataclasses.asdict(self.run)
+        out[TRAIN] = dataclasses.asdict(self.train)
         return out
 
     def to_yaml(self) -> str:
@@ -238,6 +243,11 @@ def _set_path(node: Any, path: list[str], value: Any, text: str, defaults: Any) 
         node = list(node)
         node[index] = _set_path(node[index], rest, value, text, None) if rest else value
         return node
+    if node is not None and not isinstance(node, Mapping):
+        raise ConfigError(
+            f"Override '{text}': '{head}' goes into {node!r}, a single value, not a mapping of keys. Set the whole "
+            f"value instead (e.g. a stage preset name becomes {{base: NAME, ...}} to change its keys)."
+        )
     node = dict(node) if isinstance(node, Mapping) else {}
     if not rest:
         node[head] = value
@@ -275,6 +285,8 @@ def _defaults(section: str, node: Mapping[str, Any], registry: Registry | None) 
     """The section's default options as plain data (so `encoder.layers.0=3` can edit a default list)."""
     if section == RUN:
         return dataclasses.asdict(RunOptions())
+    if section == TRAIN:
+        return dataclasses.asdict(TrainOptions())
     try:
         cls = (registry or get_registry()).get(section, node.get("name"))
     except AblateError:
@@ -364,7 +376,8 @@ def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: 
         "the run options",
         "See `ablate run --help` for what each option means.",
     )
-    config = VLMConfig(**dataclasses.asdict(typed_settings), **components, run=run, sources=list(sources))
+    train = _resolve_train(_node(TRAIN, data.get(TRAIN) or {}, "top level"))
+    config = VLMConfig(**dataclasses.asdict(typed_settings), **components, run=run, train=train, sources=list(sources))
     if config.prompt_tokens < 0:
         raise ConfigError(f"prompt_tokens must be 0 or more, not {config.prompt_tokens}.")
     if config.batch_size < 1:
@@ -377,6 +390,43 @@ def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: 
     _check_weights_path(config.weights, "weights")
     config.run.validate()
     return config
+
+
+def stage_file(name: str, key: str) -> Path:
+    """A stage preset: NAME.yaml in the `stages/` folder of a preset folder."""
+    names = {}
+    for folder in preset_dirs():
+        for path in sorted((folder / STAGES_FOLDER).glob("*.yaml")):
+            names.setdefault(path.stem, path)
+    if name not in names:
+        raise ConfigError(
+            f"Unknown stage preset '{name}' ({key}).{did_you_mean(name, names)} Stage presets: "
+            f"{', '.join(sorted(names)) or 'none found'}; or give the stage as a mapping of its keys."
+        )
+    return names[name]
+
+
+def _resolve_train(node: Mapping[str, Any]) -> TrainOptions:
+    """The typed `train:` section, each stage a StageConfig: a preset name, or a mapping (on top of `base:` if given)."""
+    hint = "See ablate/train_options.py (or `ablate show synth-tiny`) for the training keys."
+    options = _typed(TrainOptions, node, TRAIN, "the training options", hint)
+    if not isinstance(options.stages, list):
+        raise ConfigError(f"train.stages must be a list of stage presets or stage mappings, not {options.stages!r}.")
+    stages = []
+    for index, entry in enumerate(options.stages):
+        key = f"train.stages.{index}"
+        entry = {"base": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{key} must be a stage preset name or a mapping of stage keys, not {entry!r}.")
+        entry = dict(entry)
+        base = entry.pop("base", None)
+        layer = {"name": str(base), **read_yaml(stage_file(str(base), f"{key}.base"))} if base is not None else {}
+        stage = _typed(StageConfig, _deep_merge(layer, entry), key, f"stage {key}", hint)
+        check_stage(stage, key)
+        stages.append(stage)
+    options.stages = stages
+    check_train(options)
+    return options
 
 
 def load_config(

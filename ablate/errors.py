@@ -60,6 +60,10 @@ class CheckpointError(AblateError):
     """A checkpoint cannot be read or does not match the architecture."""
 
 
+class DataError(AblateError):
+    """A training or evaluation record, image or tokenizer is malformed, missing or unreadable."""
+
+
 class ResourceError(AblateError):
     """The run would not fit the machine (memory), or the device it asks for is not here."""
 

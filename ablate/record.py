@@ -27,6 +27,7 @@ Schema (version 2):
              intensity, floor_ms, bound, measured_ms, measured_over_floor, eager_ms, launch_bound}}}  (ablate.roofline)
     profile                 None, or {trace: path, top{STAGE: [{name, self_ms, calls, share}]}} (--profile)
     notes[]                 what a reader must know about the figures (count-only, data-dependent counts, ...)
+    accuracy                None, or {exact_match, anls, n, chance, split, ...} for a trained model (`ablate eval`)
     error                   None, or {type, message, stage, plugin, log}
 """
 
@@ -83,6 +84,7 @@ def empty_record() -> dict[str, Any]:
         "roofline": empty_roofline(),
         "profile": None,
         "notes": [],
+        "accuracy": None,
         "error": None,
     }
 

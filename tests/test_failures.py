@@ -226,6 +226,24 @@ BAD_INPUT = [
     (["compare", "--device", "banana", "--count-only"], 2, "Unknown device 'banana'"),
     (["compare", "nosuch:encoder.image_size=3", "--count-only"], 2, "names system 'nosuch'"),
     (["compare", "encoder.imagesize=3", "--count-only"], 2, "Unknown config key 'encoder.imagesize'"),
+    (["train", "synth-tiny", "--data", "{root}/nope", "--out", "{root}/run"], 2, "is not a folder"),
+    (["train", "synth-tiny", "--data", "{root}", "--out", "{root}/run"], 2, "Tokenizer directory"),
+    (["train", "tiny", "train.stages=[stage9]", "--data", "{root}", "--out", "{root}/run"], 2, "Unknown stage preset"),
+    (
+        ["train", "tiny", "train.stages.0.lr.connector=0", "--data", "{root}", "--out", "{root}/r"],
+        2,
+        "positive learning",
+    ),
+    (["train", "tiny", "train.stages.1.steps=3", "--data", "{root}", "--out", "{root}/run"], 2, "a single value"),
+    (["train", "tiny", "train.batch_size=0", "--data", "{root}", "--out", "{root}/run"], 2, "train.batch_size must be"),
+    (["train", "tiny", "--data", "{root}"], 2, "the following arguments are required: --out"),
+    (["eval", "{root}", "--data", "{root}"], 2, "no config.json"),
+    (["eval", "tiny", "--data", "{root}"], 2, "test.json does not exist"),
+    (["eval", "tiny", "--data", "{root}", "--limit", "0"], 2, "--limit must be at least 1"),
+    (["data", "synth", "--out", "{root}/synth", "--answers", "1"], 2, "--answers must be between 2"),
+    (["data", "synth", "--out", "{root}/synth", "--font-size", "big"], 2, "--font-size takes a number"),
+    (["data", "synth", "--out", "{root}/synth", "--kind", "letters"], 2, "--kind must be one of"),
+    (["data", "synth"], 2, "the following arguments are required: --out"),
     (["list", "badkind"], 2, "Unknown kind 'badkind'"),
     (["show", "tiny", "encoder=nope"], 2, "Unknown encoder 'nope'"),
 ]
@@ -245,6 +263,7 @@ def _check_paragraph(stderr: str, phrase: str) -> None:
 def test_bad_input_table(args, code, phrase, files, capsys):
     args = _fill(args, files)
     wants_json = args[:1] in (["run"], ["grid"])
+    wants_json = args[:1] in (["run"], ["eval"])
     assert main(args + (["--json"] if wants_json else [])) == code
     captured = capsys.readouterr()
     _check_paragraph(captured.err, phrase)

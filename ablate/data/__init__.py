@@ -1,0 +1,1 @@
+"""Training and evaluation data: LLaVA-format records, chat templates, tokenizers, and the generated synthetic task."""

@@ -1,0 +1,273 @@
+"""Staged training: freeze policies, the M3 multi-scale loss, resuming after a kill, and train-then-eval."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from test_registry import plugin
+
+import ablate
+from ablate.components import ReducerConfig, StageContext, TokenLayout, TokenReducer
+from ablate.config import load_config
+from ablate.data.synth import SynthOptions, generate
+from ablate.errors import ConfigError
+from ablate.evaluation import anls, evaluate, exact_match
+from ablate.record import empty_record
+from ablate.registry import Registry
+from ablate.training import SCALES, build_for_stage, freeze, make_optimizer, train, training_loss
+
+# Small and quick: 64 px (one visual token), batches of 4, a few steps.
+QUICK = [
+    "encoder.image_size=64",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.save_every=2",
+    "train.stages.0.steps=2",
+    "train.stages.1.steps=4",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, SynthOptions(seed=1, train=16, test=4, answers=4))
+    return out
+
+
+def _batch(vlm, batch=2, size=64):
+    ids = torch.randint(0, 60, (batch, 12))
+    ids[:, 3] = vlm.image_token_id
+    labels = ids.clone()
+    labels[:, :8] = -100
+    return torch.rand(batch, 3, size, size), ids, labels
+
+
+# -------------------------------------------------------------------------------------------- freezing
+
+
+def test_stage1_freezes_encoder_and_llm():
+    config = load_config("synth-tiny", ["encoder.image_size=64"])
+    stage = config.train.stages[0]
+    assert stage.name == "stage1" and stage.train == ["connector"]
+    vlm = build_for_stage(config, stage, ablate.registry.get_registry())
+    freeze(vlm, stage.train)
+    optimizer = make_optimizer(vlm, stage)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in vlm.connector.parameters()}
+    assert [group["name"] for group in optimizer.param_groups] == ["connector"]
+    before = {name: p.detach().clone() for name, p in vlm.named_parameters()}
+    training_loss(vlm, *_batch(vlm))[0].backward()
+    optimizer.step()
+    for name, p in vlm.named_parameters():
+        trained = name.startswith("connector.")
+        assert p.requires_grad == trained
+        assert (p.grad is not None) == trained, name
+        assert torch.equal(p, before[name]) != trained, name
+    assert not vlm.encoder.training and not vlm.decoder.training and vlm.connector.training
+
+
+def test_stage2_trains_everything_with_a_learning_rate_per_component():
+    config = load_config("synth-tiny", ["train.stages.1.lr.encoder=0.5", "train.stages.1.lr.decoder=0.25"])
+    stage = config.train.stages[1]
+    vlm = build_for_stage(config, stage, ablate.registry.get_registry())
+    freeze(vlm, stage.train)
+    optimizer = make_optimizer(vlm, stage)
+    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert lrs == {"encoder": 0.5, "connector": stage.lr.connector, "decoder": 0.25}
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(vlm.parameters()))
+
+
+def test_a_custom_stage_and_its_errors():
+    config = load_config("tiny", ["train.stages=[{name: mine, train: [decoder], lr: {decoder: 0.01}, image_size: 64}]"])
+    (stage,) = config.train.stages
+    assert (stage.name, stage.train, stage.lr.decoder, stage.image_size) == ("mine", ["decoder"], 0.01, 64)
+    with pytest.raises(ConfigError, match=r"train.stages.0 trains the encoder but train.stages.0.lr.encoder is None"):
+        load_config("tiny", ["train.stages=[{train: [encoder]}]"])
+    with pytest.raises(ConfigError, match="Unknown stage preset 'stage3'"):
+        load_config("tiny", ["train.stages=[stage3]"])
+    with pytest.raises(ConfigError, match="Unknown config key 'train.stages.0.lrs'"):
+        load_config("tiny", ["train.stages=[{base: stage1, lrs: 1}]"])
+    with pytest.raises(ConfigError, match="goes into 'stage2', a single value"):
+        load_config("tiny", ["train.stages.1.steps=3"])
+
+
+# -------------------------------------------------------------------------------------------- M3 loss
+
+
+@dataclass
+class NestedConfig(ReducerConfig):
+    tokens: int = 4
+    all_scales: bool = False
+
+
+class NestedPool(TokenReducer):
+    """Average-pools a square grid to `tokens` tokens; with all_scales, also hands on every nested square scale
+    (the matryoshka reducer's contract: ctx.extras['matryoshka_scales'] = {count: tokens})."""
+
+    name = "test-nested-pool"
+    Config = NestedConfig
+
+    def pool(self, ctx: StageContext, count: int) -> torch.Tensor:
+        side, target = int(ctx.tokens.shape[1] ** 0.5), int(count**0.5)
+        grid = ctx.tokens.transpose(1, 2).reshape(ctx.tokens.shape[0], -1, side, side)
+        return F.adaptive_avg_pool2d(grid, target).flatten(2).transpose(1, 2)
+
+    def output_layout(self, layout: TokenLayout) -> TokenLayout:
+        side = int(self.config.tokens**0.5)
+        return TokenLayout.grid_of(side, side, layout.image_size)
+
+    def forward(self, ctx: StageContext) -> StageContext:
+        ctx = replace(ctx, tokens=self.pool(ctx, self.config.tokens), layout=self.output_layout(ctx.layout))
+        if not self.config.all_scales:
+            return ctx
+        side = int(round(ctx.tokens.shape[1] ** 0.5))
+        scales = {s * s: self.pool(ctx, s * s) for s in range(1, side + 1) if side % s == 0}
+        return replace(ctx, extras={**ctx.extras, SCALES: scales})
+
+
+@pytest.fixture(scope="module")
+def nested_registry() -> Registry:
+    registry = Registry()
+    registry.load_entry_points()
+    registry.add_plugin(plugin(register_reducers=lambda register: register(NestedPool)), "nested")
+    return registry
+
+
+def test_m3_loss_is_the_mean_of_the_per_scale_losses(nested_registry):
+    overrides = ["encoder.image_size=128", "reducer=test-nested-pool", "reducer.tokens=4"]
+    config = load_config("tiny", overrides, nested_registry)
+    torch.manual_seed(0)
+    vlm = build_for_stage(config, config.train.stages[1], nested_registry)
+    assert vlm.reducer.config.all_scales  # training turns every scale on
+    pixels, ids, labels = _batch(vlm, size=128)
+    loss, per_scale = training_loss(vlm, pixels, ids, labels)
+    assert sorted(per_scale) == [1, 4]
+    separate = {}
+    for count in per_scale:  # the same weights, one budget at a time, as plain `vlm(...).loss`
+        single = ablate.build(config, [f"reducer.tokens={count}"], registry=nested_registry, train=True)
+        single.load_state_dict(vlm.state_dict())
+        separate[count] = float(single(pixels, ids, labels=labels).loss.detach())
+    assert per_scale == pytest.approx(separate, rel=1e-5)
+    assert float(loss) == pytest.approx(sum(separate.values()) / 2, rel=1e-5)
+    assert len({round(value, 4) for value in separate.values()}) == 2  # the scales really differ
+    loss.backward()  # one graph through every scale
+    assert vlm.connector.layers[0].weight.grad is not None
+
+
+def test_multiscale_can_be_switched_off(nested_registry):
+    config = load_config("tiny", ["reducer=test-nested-pool", "train.multiscale=false"], nested_registry)
+    vlm = build_for_stage(config, config.train.stages[1], nested_registry)
+    assert not vlm.reducer.config.all_scales
+    assert training_loss(vlm, *_batch(vlm, size=128))[1] == {}
+
+
+# ----------------------------------------------------------------------------------- runs and resuming
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+class _Kill(KeyboardInterrupt):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_the_curve_continues(data, tmp_path):
+    straight = train("synth-tiny", QUICK, data=data, out=tmp_path / "straight")
+    assert straight["steps"] == 6 and straight["resumed_from_step"] is None
+
+    def kill_at_step_5(stage, step, steps, figures):  # stage2's 3rd step: after the checkpoint at global step 4
+        if stage == "stage2" and step == 3:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train("synth-tiny", QUICK, data=data, out=tmp_path / "killed", progress=kill_at_step_5)
+    assert [c.name for c in sorted((tmp_path / "killed" / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
+    resumed = train("synth-tiny", QUICK, data=data, out=tmp_path / "killed")
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
+    assert [step for step, _ in _losses(tmp_path / "killed")] == [1, 2, 3, 4, 5, 6]  # no gap, no repeat
+    assert [loss for _, loss in _losses(tmp_path / "killed")] == pytest.approx(
+        [loss for _, loss in _losses(tmp_path / "straight")]
+    )
+    final, reference = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("killed", "straight"))
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+
+
+def test_a_folder_of_another_run_is_refused(data, tmp_path):
+    train("synth-tiny", [*QUICK, "train.stages=[{base: stage1, steps: 1}]"], data=data, out=tmp_path / "run")
+    with pytest.raises(ConfigError, match="holds a training run of another config.*train.batch_size"):
+        train(
+            "synth-tiny",
+            [*QUICK, "train.stages=[{base: stage1, steps: 1}]", "train.batch_size=2"],
+            data=data,
+            out=tmp_path / "run",
+        )
+
+
+def test_the_tokenizer_must_fit_the_vocabulary(data, tmp_path):
+    with pytest.raises(ConfigError, match="decoder.overrides.vocab_size="):
+        train("synth-tiny", [*QUICK, "decoder.overrides.vocab_size=40"], data=data, out=tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------- train + eval
+
+
+def test_train_then_eval_round_trip(data, tmp_path):
+    """Training on the four test records (overfitting) answers them all; the record holds accuracy and timing."""
+    overrides = [
+        "encoder.image_size=64",
+        "train.batch_size=4",
+        "train.save_every=1000",
+        "train.stages=[{base: stage2, data: test.json, steps: 120, warmup: 0, schedule: constant}]",
+        *[f"train.stages.0.lr.{kind}=3e-3" for kind in ("encoder", "connector", "decoder")],
+    ]
+    summary = train("synth-tiny", overrides, data=data, out=tmp_path / "run")
+    record = evaluate(tmp_path / "run", data=data, split="test.json", repeats=1, warmup=0)
+    assert set(record) == set(empty_record()) and record["error"] is None
+    accuracy = record["accuracy"]
+    assert accuracy["n"] == 4 and accuracy["chance"] == 0.25 and accuracy["exact_match"] == 1.0, summary
+    assert accuracy["anls"] == 1.0
+    assert record["latency_ms"]["ttft"] > 0 and record["visual_tokens"] == 1
+    assert record["weights"] == [f"vlm: {(tmp_path / 'run').resolve()} (ablate-run)"]
+    assert record["config"]["encoder"]["image_size"] == 64 and record["config"]["name"] == "synth-tiny"
+    # the run folder is a checkpoint directory like any other
+    vlm = ablate.from_checkpoint(tmp_path / "run")
+    assert vlm.encoder.config.image_size == 64
+
+
+def test_an_untrained_model_is_not_evaluated(data):
+    with pytest.raises(ConfigError, match="loads no weights"):
+        evaluate("synth-tiny", data=data, repeats=1, warmup=0)
+
+
+def test_metrics():
+    assert exact_match(" Cake.", ["cake"]) == 1.0 and exact_match("cakes", ["cake"]) == 0.0
+    assert anls("cake", ["cake"]) == 1.0
+    assert anls("cakr", ["cake"]) == pytest.approx(0.75)  # one edit in four characters
+    assert anls("xyz", ["cake"]) == 0.0  # beyond the 0.5 threshold
+    assert anls("cakr", ["milk", "cake"]) == pytest.approx(0.75)  # the best accepted answer counts
+
+
+def test_stage_options_are_dataclasses_in_the_record():
+    config = load_config("synth-tiny")
+    as_dict = config.to_dict()["train"]["stages"][1]
+    assert as_dict == dataclasses.asdict(config.train.stages[1]) and as_dict["name"] == "stage2"
+
+
+def test_wandb_logs_the_curve_offline(data, tmp_path, monkeypatch):
+    """The real client, offline: the run's records (history keys, config) are in its .wandb file."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train("synth-tiny", [*QUICK, "train.wandb=true"], data=data, out=tmp_path / "run")
+    (records,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    content = records.read_bytes()
+    for key in (b"train/loss", b"train/lr/connector", b"train/images_per_s", b"synth-tiny"):
+        assert key in content, key
+    assert (tmp_path / "run" / "wandb_id").read_text() in records.name  # a resumed run continues this W&B run
