@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions answered at once (default 16)")
     evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
+    evaluate.add_argument(
+        "--db", help="also store the record in this results store, beside grid cells (`ablate results`, `ablate plot`)"
+    )
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object (the record) on stdout")
     evaluate.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
     for flag in ("warmup", "repeats", "threads", "seed"):
@@ -651,18 +654,27 @@ def cmd_eval(args) -> int:
         for flag in ("warmup", "repeats", "threads", "seed", "device", "dtype")
         if getattr(args, flag) is not None
     }
-    with err.status(f"evaluating {args.run_dir} on {args.split}"):
-        record = evaluate(
-            args.run_dir,
-            args.overrides,
-            data=args.data,
-            split=args.split,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            skip_bad=args.skip_bad,
-            **run_options,
-        )
+    store = _open_store(args.db) if args.db else None  # a bad store fails before minutes of evaluation
+    try:
+        with err.status(f"evaluating {args.run_dir} on {args.split}"):
+            record = evaluate(
+                args.run_dir,
+                args.overrides,
+                data=args.data,
+                split=args.split,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                skip_bad=args.skip_bad,
+                **run_options,
+            )
+    except AblateError as exc:
+        failed = getattr(exc, "record", None)
+        if store is not None and failed and failed.get("config"):
+            _store_eval(store, failed, args.db)
+        raise
+    if store is not None:
+        _store_eval(store, record, args.db)
     if args.json:
         print(json.dumps(record))
     else:
@@ -675,6 +687,20 @@ def cmd_eval(args) -> int:
             highlight=False,
         )
     return 0
+
+
+def _open_store(path: str):
+    from ablate.store import Store
+
+    return Store(path)
+
+
+def _store_eval(store, record: dict[str, Any], path: str) -> None:
+    from ablate.evaluation import eval_key
+
+    with store:
+        store.put(eval_key(record), record, label=f"eval {record['name']}")
+    err.print(f"stored in {path}", highlight=False, markup=False)
 
 
 def cmd_plugins(args) -> int:

@@ -217,3 +217,12 @@ def _chance(data: Path) -> float | None:
         return float(json.loads((data / "meta.json").read_text())["chance"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def eval_key(record: dict[str, Any]) -> str:
+    """The results-store key of an eval record: its resolved config plus the data and split it was scored on (so
+    scoring one model on two splits keeps two rows, and scoring it again replaces its row)."""
+    from ablate.grid import config_hash
+
+    accuracy = record.get("accuracy") or {}
+    return config_hash({**(record.get("config") or {}), "eval": [accuracy.get("data"), accuracy.get("split")]})

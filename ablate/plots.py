@@ -4,6 +4,8 @@
                             other cell beats with as many tokens or more in as little time or less)
     stage_latency           per-stage latency (encoder, reducer, connector, LLM prefill) stacked, one bar per cell
     encoder_vs_resolution   encoder latency against input resolution, one line per encoder
+    accuracy_vs_ttft        exact-match accuracy against TTFT with the Pareto front, for rows `ablate eval --db`
+                            stored (a trained variant's accuracy and timing in one record)
 
 Systems and cells are named by the config keys that differ between the rows plotted, so any grid labels itself.
 Rows without timings (count-only or failed cells) are left out; a plot with nothing to show is skipped and said so.
@@ -92,8 +94,8 @@ def title_context(records: list[dict[str, Any]]) -> str:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the (tokens, ttft) points that no other point beats: as many tokens or more in as little time or
-    less, and strictly better in one. In order of TTFT."""
+    """Indices of the (value, ttft) points, more value being better (visual tokens, accuracy), that no other point
+    beats: as much value or more in as little time or less, and strictly better in one. In order of TTFT."""
     order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
     front, best_tokens = [], float("-inf")
     for index in order:
@@ -143,6 +145,7 @@ def write_plots(
         ("ttft_vs_tokens", _ttft_vs_tokens),
         ("stage_latency", _stage_latency),
         ("encoder_vs_resolution", _encoder_vs_resolution),
+        ("accuracy_vs_ttft", _accuracy_vs_ttft),
     ):
         made = make(timed, context, Figure, go)
         if isinstance(made, str):
@@ -281,6 +284,55 @@ def _encoder_vs_resolution(records, context, Figure, go):
         traces.append(go.Scatter(x=xs, y=ys, mode="lines+markers", name=series, marker={"color": color}))
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
+    axes.legend(fontsize=7)
+    return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label))
+
+
+def _accuracy(record: dict[str, Any]) -> float | None:
+    accuracy = record.get("accuracy")  # `ablate eval`'s block; other shapes (a plugin's own field) are not plotted
+    value = accuracy.get("exact_match") if isinstance(accuracy, dict) else None
+    return value * 100 if isinstance(value, (int, float)) else None
+
+
+def _accuracy_vs_ttft(records, context, Figure, go):
+    points = [p for p in _points(records, lambda keys: []) if _accuracy(p.record) is not None]
+    if not points:
+        return "no row has an accuracy (`ablate eval --db` stores one)"
+    points.sort(key=lambda p: p.latency("ttft"))
+    title, x_label, y_label = "Accuracy vs TTFT", "TTFT (ms)", "exact match (%)"
+    figure, axes = _new_figure(Figure, title, context)
+    xs, ys = [p.latency("ttft") for p in points], [_accuracy(p.record) for p in points]
+    axes.scatter(xs, ys, color=COLORS[0], zorder=3)
+    # Trained variants differ in their weights path and timing image too: name them by what else varies.
+    shown = [k for k in _varying([p.record for p in points]) if not (k.endswith("weights") or k.startswith("run."))]
+    labels = [_describe(p.record, shown, p.label) for p in points]
+    for label, x, y in zip(labels, xs, ys):
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    front = [points[i] for i in pareto_front([(y, x) for x, y in zip(xs, ys)])]
+    fx, fy = [p.latency("ttft") for p in front], [_accuracy(p.record) for p in front]
+    axes.step(fx, fy, where="post", color="black", linestyle="--", linewidth=1, label="Pareto front")
+    chances = {p.record["accuracy"].get("chance") for p in points} - {None}
+    traces = [
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            name="runs",
+            marker={"color": COLORS[0]},
+            text=labels,
+            hovertemplate="%{text}<br>TTFT %{x:.1f} ms<br>exact match %{y:.1f}%<extra></extra>",
+        ),
+        go.Scatter(
+            x=fx, y=fy, mode="lines", line={"shape": "hv", "dash": "dash", "color": "black"}, name="Pareto front"
+        ),
+    ]
+    if len(chances) == 1:  # one task: its chance level is a meaningful floor
+        chance = chances.pop() * 100
+        axes.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.1f}%)")
+        traces.append(go.Scatter(x=[min(xs), max(xs)], y=[chance] * 2, mode="lines", name="chance"))
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_ylim(0, 105)
     axes.legend(fontsize=7)
     return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label))
 

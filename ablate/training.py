@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ablate import runs
+import ablate.runs as runs
 from ablate.components import StageContext, TokenLayout, square_grid
 from ablate.config import VLMConfig, load_config
 from ablate.data.llava import ConversationDataset, Example, read_examples

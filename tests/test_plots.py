@@ -56,7 +56,34 @@ def test_plots_leave_out_rows_without_timings_and_tolerate_extra_fields(tmp_path
     failed = {**empty_record(), "error": {"type": "X", "message": "m"}}
     files, notes = write_plots([timed, bigger, count_only, failed, {"schema_version": 9}], tmp_path)
     assert sorted(path.name for path in files) == sorted(f"{n}.{ext}" for n in PLOTS for ext in ("png", "html"))
-    assert notes == []
+    assert notes == ["accuracy_vs_ttft: no row has an accuracy (`ablate eval --db` stores one)"]
+
+
+def test_accuracy_vs_ttft_marks_the_pareto_front_and_chance(tmp_path):
+    def evaluated(size: int, ttft: float, exact_match: float) -> dict:
+        record = {**empty_record(), "name": "synth-tiny", "visual_tokens": (size // 64) ** 2}
+        record.update(
+            latency_ms={"encoder": ttft / 2, "reducer": 0.0, "connector": 0.1, "prefill": ttft / 2, "ttft": ttft},
+            run={"device": "cpu", "dtype": "float32", "mode": "eager"},
+            env={"device_name": "Test CPU"},
+            config={"encoder": {"name": "e", "image_size": size}},
+            accuracy={"exact_match": exact_match, "anls": exact_match, "n": 10, "chance": 0.0625},
+        )
+        return record
+
+    # 192 px is slower than 128 px and no more accurate: off the front
+    records = [
+        evaluated(64, 20.0, 0.1),
+        evaluated(128, 25.0, 0.8),
+        evaluated(192, 30.0, 0.7),
+        evaluated(256, 40.0, 0.9),
+    ]
+    files, notes = write_plots(records, tmp_path)
+    assert tmp_path / "accuracy_vs_ttft.png" in files and notes == []
+    html = (tmp_path / "accuracy_vs_ttft.html").read_text()
+    assert "exact match (%)" in html and "Pareto front" in html and "chance" in html
+    front = pareto_front([(r["accuracy"]["exact_match"], r["latency_ms"]["ttft"]) for r in records])
+    assert front == [0, 1, 3]
 
 
 def test_a_store_without_timings_says_why_nothing_is_plotted(tmp_path, capsys):

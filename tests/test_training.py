@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_registry import plugin
 
 import ablate
-from ablate.components import ReducerConfig, StageContext, TokenLayout, TokenReducer
+from ablate.cli import main
 from ablate.config import load_config
 from ablate.data.synth import SynthOptions, generate
 from ablate.errors import ConfigError
 from ablate.evaluation import anls, evaluate, exact_match
 from ablate.record import empty_record
-from ablate.registry import Registry
-from ablate.training import SCALES, build_for_stage, freeze, make_optimizer, train, training_loss
+from ablate.registry import get_registry
+from ablate.store import Store
+from ablate.training import build_for_stage, freeze, make_optimizer, train, training_loss
 
 # Small and quick: 64 px (one visual token), batches of 4, a few steps.
 QUICK = [
@@ -101,69 +99,33 @@ def test_a_custom_stage_and_its_errors():
 # -------------------------------------------------------------------------------------------- M3 loss
 
 
-@dataclass
-class NestedConfig(ReducerConfig):
-    tokens: int = 4
-    all_scales: bool = False
-
-
-class NestedPool(TokenReducer):
-    """Average-pools a square grid to `tokens` tokens; with all_scales, also hands on every nested square scale
-    (the matryoshka reducer's contract: ctx.extras['matryoshka_scales'] = {count: tokens})."""
-
-    name = "test-nested-pool"
-    Config = NestedConfig
-
-    def pool(self, ctx: StageContext, count: int) -> torch.Tensor:
-        side, target = int(ctx.tokens.shape[1] ** 0.5), int(count**0.5)
-        grid = ctx.tokens.transpose(1, 2).reshape(ctx.tokens.shape[0], -1, side, side)
-        return F.adaptive_avg_pool2d(grid, target).flatten(2).transpose(1, 2)
-
-    def output_layout(self, layout: TokenLayout) -> TokenLayout:
-        side = int(self.config.tokens**0.5)
-        return TokenLayout.grid_of(side, side, layout.image_size)
-
-    def forward(self, ctx: StageContext) -> StageContext:
-        ctx = replace(ctx, tokens=self.pool(ctx, self.config.tokens), layout=self.output_layout(ctx.layout))
-        if not self.config.all_scales:
-            return ctx
-        side = int(round(ctx.tokens.shape[1] ** 0.5))
-        scales = {s * s: self.pool(ctx, s * s) for s in range(1, side + 1) if side % s == 0}
-        return replace(ctx, extras={**ctx.extras, SCALES: scales})
-
-
-@pytest.fixture(scope="module")
-def nested_registry() -> Registry:
-    registry = Registry()
-    registry.load_entry_points()
-    registry.add_plugin(plugin(register_reducers=lambda register: register(NestedPool)), "nested")
-    return registry
-
-
-def test_m3_loss_is_the_mean_of_the_per_scale_losses(nested_registry):
-    overrides = ["encoder.image_size=128", "reducer=test-nested-pool", "reducer.tokens=4"]
-    config = load_config("tiny", overrides, nested_registry)
+@pytest.mark.parametrize("position", ["after_connector", "before_connector"])
+def test_m3_loss_is_the_mean_of_the_per_scale_losses(position):
+    """The real `matryoshka` reducer on a 2x2 grid (scales 1 and 4), pooling the connector's output as M3's code
+    does, or the encoder's tokens as its paper describes."""
+    overrides = ["encoder.image_size=128", "reducer=matryoshka", "reducer.tokens=4", f"reducer.position={position}"]
+    config = load_config("tiny", overrides)
     torch.manual_seed(0)
-    vlm = build_for_stage(config, config.train.stages[1], nested_registry)
+    vlm = build_for_stage(config, config.train.stages[1], get_registry())
     assert vlm.reducer.config.all_scales  # training turns every scale on
     pixels, ids, labels = _batch(vlm, size=128)
     loss, per_scale = training_loss(vlm, pixels, ids, labels)
     assert sorted(per_scale) == [1, 4]
     separate = {}
     for count in per_scale:  # the same weights, one budget at a time, as plain `vlm(...).loss`
-        single = ablate.build(config, [f"reducer.tokens={count}"], registry=nested_registry, train=True)
+        single = ablate.build(config, [f"reducer.tokens={count}"], train=True)
         single.load_state_dict(vlm.state_dict())
         separate[count] = float(single(pixels, ids, labels=labels).loss.detach())
     assert per_scale == pytest.approx(separate, rel=1e-5)
-    assert float(loss) == pytest.approx(sum(separate.values()) / 2, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(sum(separate.values()) / 2, rel=1e-5)
     assert len({round(value, 4) for value in separate.values()}) == 2  # the scales really differ
     loss.backward()  # one graph through every scale
     assert vlm.connector.layers[0].weight.grad is not None
 
 
-def test_multiscale_can_be_switched_off(nested_registry):
-    config = load_config("tiny", ["reducer=test-nested-pool", "train.multiscale=false"], nested_registry)
-    vlm = build_for_stage(config, config.train.stages[1], nested_registry)
+def test_multiscale_can_be_switched_off():
+    config = load_config("tiny", ["encoder.image_size=128", "reducer=matryoshka", "train.multiscale=false"])
+    vlm = build_for_stage(config, config.train.stages[1], get_registry())
     assert not vlm.reducer.config.all_scales
     assert training_loss(vlm, *_batch(vlm, size=128))[1] == {}
 
@@ -240,6 +202,15 @@ def test_train_then_eval_round_trip(data, tmp_path):
     # the run folder is a checkpoint directory like any other
     vlm = ablate.from_checkpoint(tmp_path / "run")
     assert vlm.encoder.config.image_size == 64
+    # `ablate eval --db` stores the record beside grid cells; `ablate plot` draws accuracy against TTFT
+    db, args = tmp_path / "r.db", [str(tmp_path / "run"), "--data", str(data), "--repeats", "1", "--warmup", "0"]
+    for _ in range(2):  # the same model, data and split again: its row is replaced, not duplicated
+        assert main(["eval", *args, "--db", str(db)]) == 0
+    with Store(db, create=False) as store:
+        (row,) = store.rows()
+    assert row.record["accuracy"] == record["accuracy"] and row.record["latency_ms"]["ttft"] > 0
+    assert main(["plot", "--db", str(db), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "accuracy_vs_ttft.png").stat().st_size > 10_000
 
 
 def test_an_untrained_model_is_not_evaluated(data):
