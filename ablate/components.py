@@ -88,6 +88,17 @@ class TokenLayout:
             return self.crops[0].grid
         return None
 
+    def __str__(self) -> str:
+        """For messages: 'one 24x24 grid', '10 crops (27x27), 7290 tokens', '65 loose tokens'."""
+        if self.grid:
+            return f"one {self.grid[0]}x{self.grid[1]} grid"
+        if not self.crops:
+            return f"{self.loose} loose tokens"
+        grids = ", ".join(dict.fromkeys(f"{c.grid[0]}x{c.grid[1]}" for c in self.crops))
+        newlines = ", with newline tokens" if any(c.newlines for c in self.crops) else ""
+        loose = f" + {self.loose} loose" if self.loose else ""
+        return f"{len(self.crops)} crop(s) ({grids}{newlines}){loose}, {self.num_tokens} tokens"
+
 
 # ---------------------------------------------------------------------------------------------- context
 

@@ -218,6 +218,11 @@ BAD_INPUT = [
     (["run", "llava-onevision-0.5b", "connector.max_tiles=0", "--count-only"], 2, "connector.max_tiles=0"),
     (["run", "tiny", "connector=pixel-shuffle", "connector.scale=3", "--count-only"], 2, "divisible by 3"),
     (["run", "llava-onevision-0.5b", "connector=ldpv2", "--count-only"], 2, "needs its input tokens on one 2-D grid"),
+    (
+        ["run", "llava-onevision-0.5b", "reducer=avgpool", "reducer.tokens=64", "--count-only"],
+        2,
+        "at 1152 px gives 10 crop(s) (27x27), 7290 tokens",
+    ),
     (["run", "convllava-768", "encoder.feature_block=2", "--count-only"], 2, "feature_block is not supported"),
     (["compare", "nope-claims"], 2, "Claims file 'nope-claims' is neither a file nor a known claims name"),
     (["compare", "--systems", "bogus", "--count-only"], 2, "Unknown system 'bogus' (--systems)"),
