@@ -90,7 +90,7 @@ def title_context(records: list[dict[str, Any]]) -> str:
     dtypes = distinct((r.get("run") or {}).get("dtype") for r in records)
     modes = distinct((r.get("run") or {}).get("mode") for r in records)
     threads = distinct((r.get("run") or {}).get("threads") for r in records)
-    return f"{devices}, {dtypes}, mode {modes}, {threads} CPU threads"
+    return f"{devices}, {dtypes}, mode {modes}, CPU threads: {threads}"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -303,8 +303,13 @@ def _accuracy_vs_ttft(records, context, Figure, go):
     figure, axes = _new_figure(Figure, title, context)
     xs, ys = [p.latency("ttft") for p in points], [_accuracy(p.record) for p in points]
     axes.scatter(xs, ys, color=COLORS[0], zorder=3)
-    # Trained variants differ in their weights path and timing image too: name them by what else varies.
-    shown = [k for k in _varying([p.record for p in points]) if not (k.endswith("weights") or k.startswith("run."))]
+    # Trained variants differ in their run folders (weights, tokenizer) and timing image too: name them by the rest.
+    flat = [flatten(p.record.get("config") or {}) for p in points]
+    shown = [
+        key
+        for key in _varying([p.record for p in points])
+        if not key.startswith("run.") and not any("/" in str(config.get(key, "")) for config in flat)
+    ]
     labels = [_describe(p.record, shown, p.label) for p in points]
     for label, x, y in zip(labels, xs, ys):
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
