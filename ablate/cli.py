@@ -648,13 +648,14 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from ablate.evaluation import evaluate
+    from ablate.store import Store
 
     run_options = {
         flag: getattr(args, flag)
         for flag in ("warmup", "repeats", "threads", "seed", "device", "dtype")
         if getattr(args, flag) is not None
     }
-    store = _open_store(args.db) if args.db else None  # a bad store fails before minutes of evaluation
+    store = Store(args.db) if args.db else None  # a bad store fails before minutes of evaluation
     try:
         with err.status(f"evaluating {args.run_dir} on {args.split}"):
             record = evaluate(
@@ -687,12 +688,6 @@ def cmd_eval(args) -> int:
             highlight=False,
         )
     return 0
-
-
-def _open_store(path: str):
-    from ablate.store import Store
-
-    return Store(path)
 
 
 def _store_eval(store, record: dict[str, Any], path: str) -> None:

@@ -89,7 +89,7 @@ class TokenLayout:
         return None
 
     def __str__(self) -> str:
-        """For messages: 'one 24x24 grid', '10 crops (27x27), 7290 tokens', '65 loose tokens'."""
+        """For messages: 'one 24x24 grid', '10 crop(s) (27x27), 7290 tokens', '65 loose tokens'."""
         if self.grid:
             return f"one {self.grid[0]}x{self.grid[1]} grid"
         if not self.crops:

@@ -244,6 +244,7 @@ BAD_INPUT = [
     (["train", "tiny", "train.batch_size=0", "--data", "{root}", "--out", "{root}/run"], 2, "train.batch_size must be"),
     (["train", "tiny", "--data", "{root}"], 2, "the following arguments are required: --out"),
     (["eval", "{root}", "--data", "{root}"], 2, "no config.json"),
+    (["eval", "{root}", "--data", "{root}", "--db", "{root}"], 2, "is a folder; give a file path"),
     (["eval", "tiny", "--data", "{root}"], 2, "test.json does not exist"),
     (["eval", "tiny", "--data", "{root}", "--limit", "0"], 2, "--limit must be at least 1"),
     (["data", "synth", "--out", "{root}/synth", "--answers", "1"], 2, "--answers must be between 2"),
