@@ -505,6 +505,9 @@ def test_ctrl_c_still_prints_one_record(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A suite started in the background of a non-interactive shell (`nohup ... &`) ignores SIGINT, and so would
+        # the child: give it the default disposition, so that Python turns the signal into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Imports and the tiny build take a few seconds on an idle machine (far more on a loaded one); then it times
