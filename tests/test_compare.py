@@ -64,6 +64,22 @@ def test_a_system_that_fits_nowhere_is_counted_not_skipped(claims_file):
     assert "| small |" in markdown(result)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_bfloat16_is_the_fallback_only_where_the_cpu_computes_it(claims_file, monkeypatch, native_bf16):
+    """float32 does not fit, bfloat16 would: on a CPU that only emulates bfloat16, cut the LLM in float32 instead."""
+    import ablate.compare
+
+    monkeypatch.setattr(ablate.compare, "cpu_features", lambda: {"bf16": native_bf16})
+    params = ablate.measure("tiny", count_only=True)["params"]["total"]
+    budget_gb = params * 3.0 * 1.2 / 2**30  # between bfloat16's 2 bytes a parameter and float32's 4
+    result = compare(load_claims(str(claims_file)), Options(count_only=False, repeats=1, warmup=0, memory_gb=budget_gb))
+    small = result["systems"]["small"]
+    if native_bf16:
+        assert small["form"] == "bfloat16" and "float32 does not fit" in small["note"]
+    else:  # the tiny LLM's layers are too small a share for a cut to fit: counted, and the note says why
+        assert small["form"] == "count-only" and "this CPU only emulates it" in small["note"]
+
+
 def test_per_system_overrides(claims_file):
     result = compare(load_claims(str(claims_file)), Options(count_only=True, overrides=["big:encoder.image_size=192"]))
     assert result["systems"]["big"]["visual_tokens"] == 9 and result["claims"][0]["measured"]["tokens"] == 9 / 4
