@@ -16,7 +16,7 @@ import math
 
 import torch
 from alternate import alternate
-from report import timing, write_json
+from report import parse_args, timing, write_json
 
 import ablate
 from ablate.modes import prepare
@@ -37,16 +37,7 @@ def main() -> None:
     parser.add_argument("--mode", default="eager", choices=["eager", "compile", "cudagraph"])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
-    )
-    parser.add_argument("--json", help="output file (default: benchmarks/results/encoder_scaling.json)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, "encoder_scaling")
 
     options = RunOptions(device=args.device, dtype=args.dtype, mode=args.mode, memory_format=args.memory_format)
     candidates, flops, tokens, used = {}, {}, {}, {}

@@ -20,7 +20,7 @@ import gc
 import torch
 from alternate import alternate
 from hand import hand_written
-from report import paired_ratio, timing, write_json
+from report import paired_ratio, parse_args, timing, write_json
 
 import ablate
 from ablate.modes import prepare
@@ -40,16 +40,7 @@ def main() -> None:
         help="MODE:DTYPE:MEMORY_FORMAT each",
     )
     parser.add_argument("--overrides", nargs="*", default=[], help="extra config overrides (key=value)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
-    )
-    parser.add_argument("--json", help="output file (default: benchmarks/results/mode_speedups.json)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, "mode_speedups")
 
     torch.manual_seed(0)
     overrides = list(args.overrides) + ([f"encoder.image_size={args.image_size}"] if args.image_size else [])

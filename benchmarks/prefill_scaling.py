@@ -16,7 +16,7 @@ import torch
 import torch._inductor.config as inductor_config
 from alternate import alternate
 from encoder_scaling import fit_exponent
-from report import timing, write_json
+from report import parse_args, timing, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from ablate.registry import get_registry
@@ -28,16 +28,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[80, 128, 320, 640])
     parser.add_argument("--mode", default="eager", choices=["eager", "compile"])
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
-    )
-    parser.add_argument("--json", help="output file (default: benchmarks/results/prefill_scaling.json)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, "prefill_scaling")
 
     cls = get_registry().get("decoder", "hf-causal-lm")
     dtype = getattr(torch, args.dtype)

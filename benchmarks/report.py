@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -58,3 +59,19 @@ def write_json(path: str | None, benchmark: str, args: Any, results: Any) -> Non
     }
     target.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {target}")
+
+
+def parse_args(parser: argparse.ArgumentParser, benchmark: str, repeats: int = 5) -> argparse.Namespace:
+    """Add the options every timing benchmark shares (device, repeats, threads, clock, JSON file), parse the command
+    line and apply --threads."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
+    )
+    parser.add_argument("--json", help=f"output file (default: benchmarks/results/{benchmark}.json)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -16,7 +16,7 @@ import gc
 import torch
 from alternate import alternate
 from hand import hand_written
-from report import paired_ratio, timing, write_json
+from report import paired_ratio, parse_args, timing, write_json
 
 import ablate
 from ablate.modes import prepare
@@ -31,16 +31,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "cudagraph"])
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
-    )
-    parser.add_argument("--json", help="output file (default: benchmarks/results/toolkit_overhead.json)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, "toolkit_overhead", repeats=10)
 
     results = []
     for mode in args.modes:
