@@ -1,20 +1,27 @@
-"""ablate: swap, time and count the parts of a vision-language model from one config."""
+"""ablate: swap, time and count the parts of a vision-language model from one config.
+
+    import ablate
+    record = ablate.measure("fastvlm-0.5b", ["encoder.image_size=512"], repeats=3)   # an ablate.Record
+    vlm = ablate.build("fastvlm-0.5b")                                               # an nn.Module
+
+Plugins import `ablate.api` (see CONTRIBUTING.md), nothing else.
+"""
 
 from __future__ import annotations
 
-from ablate.hookspecs import hookimpl
 from ablate.version import __version__
 
-__all__ = ["VLM", "__version__", "build", "from_checkpoint", "hookimpl", "load_config", "measure"]
+__all__ = ["VLM", "Record", "__version__", "build", "from_checkpoint", "load_config", "measure"]
 
-# The public API, imported on first use: `import ablate` (which every plugin does) and the CLI's startup stay light,
-# and torch loads only when a model is needed. Module names differ from these names, so nothing shadows them.
+# The entry points above, imported on first use: `import ablate` and the CLI's startup stay light, and torch loads
+# only when a model is needed. Module names differ from these names, so nothing shadows them.
 _LAZY = {
-    "VLM": "ablate.model",
-    "build": "ablate.model",
-    "from_checkpoint": "ablate.model",
-    "load_config": "ablate.config",
-    "measure": "ablate.measurement",
+    "VLM": "ablate.model.vlm",
+    "build": "ablate.model.build",
+    "from_checkpoint": "ablate.model.build",
+    "load_config": "ablate.config.compose",
+    "measure": "ablate.measurement.run",
+    "Record": "ablate.measurement.record",
 }
 
 

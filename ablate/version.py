@@ -1,3 +1,8 @@
-"""ablate's version, in one place (pyproject.toml reads it from here)."""
+"""ablate's version and distribution name, in one place (pyproject.toml reads the version from here).
 
-__version__ = "0.2.0"
+The distribution is `ablate-vlm` (`pip install ablate-vlm`): the name `ablate` on the package index belongs to
+another project. The import name, the command and the entry-point group are `ablate`.
+"""
+
+__version__ = "0.3.0"
+DISTRIBUTION = "ablate-vlm"

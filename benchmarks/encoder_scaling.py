@@ -19,8 +19,8 @@ from alternate import alternate
 from report import parse_args, timing, write_json
 
 import ablate
-from ablate.modes import prepare
-from ablate.options import RunOptions
+from ablate.config.run_options import RunOptions
+from ablate.measurement.modes import prepare
 
 
 def fit_exponent(xs: list[float], ys: list[float]) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     for size in args.sizes:
         # A tiny LLM: only the encoder stage is timed, and the model is built (and compiled) once per size.
         overrides = [f"encoder.image_size={size}", "decoder.arch=qwen2-tiny", f"run.dtype={args.dtype}"]
-        record = ablate.measure(args.preset, overrides, count_only=True)
+        record = ablate.measure(args.preset, overrides, count_only=True).to_dict()
         flops[size], tokens[size] = record["flops"]["encoder"], record["tokens"]["encoder"]
         torch.manual_seed(0)
         vlm = ablate.build(args.preset, overrides, device=args.device)

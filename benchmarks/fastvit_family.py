@@ -15,8 +15,8 @@ import timm
 import torch
 from alternate import alternate
 
-from ablate.components import StageContext
-from ablate.registry import get_registry
+from ablate.api.components import StageContext
+from ablate.api.registry import get_registry
 
 TIMM_NAMES = {"fastvithd": "fastvit_mci3", "fastvit-mci2": "fastvit_mci2", "fastvit-mci4": "fastvit_mci4"}
 

@@ -20,9 +20,9 @@ from statistics import median
 from alternate import alternate
 
 import ablate
-from ablate.grid import load_grid
-from ablate.runner import run_cell
-from ablate.store import Store
+from ablate.grid.expansion import load_grid
+from ablate.grid.runner import run_cell
+from ablate.grid.store import Store
 
 SIZES = "256,512,768,1024,1536"
 PROMPTS = "8,16,24,32,40,48,56,64,72,80"
@@ -60,7 +60,7 @@ def main() -> None:
         }
         samples = alternate(
             {
-                "measure": lambda cell=cell: ablate.measure(grid.base, cell.overrides, **grid.run),
+                "measure": lambda cell=cell: ablate.measure(grid.base, cell.overrides, **grid.run).to_dict(),
                 "grid cell": lambda task=task: run_cell(task),
             },
             repeats=1,

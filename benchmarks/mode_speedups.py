@@ -23,8 +23,8 @@ from hand import hand_written
 from report import paired_ratio, parse_args, timing, write_json
 
 import ablate
-from ablate.modes import prepare
-from ablate.options import RunOptions
+from ablate.config.run_options import RunOptions
+from ablate.measurement.modes import prepare
 
 
 def main() -> None:

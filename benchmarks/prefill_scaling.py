@@ -19,7 +19,7 @@ from encoder_scaling import fit_exponent
 from report import parse_args, timing, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
-from ablate.registry import get_registry
+from ablate.api.registry import get_registry
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import sys
 import time
 
 import ablate
-from ablate.baselines import downsampled
-from ablate.errors import AblateError, ResourceError
+from ablate.api.errors import AblateError, ResourceError
+from ablate.model.downsampling import downsampled
 from ablate_plugins.reducers.pooling import kernels
 
 PRESET = "fastvlm-0.5b"  # FastViTHD@1024 + mlp2x_gelu + Qwen2-0.5B
@@ -119,7 +119,7 @@ def main() -> None:
         for attempt in range(args.retries + 1):
             release_memory()
             try:
-                record = ablate.measure(PRESET, cell, **options)
+                record = ablate.measure(PRESET, cell, **options).to_dict()
                 break
             except ResourceError as error:  # other work on a shared machine holds the memory: wait for it
                 if attempt == args.retries:

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from ablate.modes import cpu_features
-from ablate.record import cpu_name, library_versions
+from ablate.measurement.machine import cpu_features, cpu_name, library_versions
 
 
 def iqr(values: list[float]) -> float:

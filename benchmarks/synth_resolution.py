@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import ablate
-from ablate.data.synth import SynthOptions, generate, parse_font_size
-from ablate.evaluation import eval_key, evaluate
-from ablate.plots import write_plots
-from ablate.runs import read_metrics
-from ablate.store import Store
-from ablate.training import train
+from ablate.grid.store import Store
+from ablate.report.plots import write_plots
+from ablate.train.data.synth import SynthOptions, generate, parse_font_size
+from ablate.train.evaluation import eval_key, evaluate
+from ablate.train.loop import train
+from ablate.train.run_dir import read_metrics
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 For each mode, both paths hold the same weights in the same dtype and memory format and run the same pixels and
 prompt, alternating in one process. The script checks that their logits agree, then reports medians, spreads and
 the per-round ratio toolkit / hand (target: <= 1.03 in every mode). The toolkit runs as `ablate run` does
-(ablate.modes.prepare); the hand-written path compiles or graph-captures its whole TTFT function at once.
+(ablate.measurement.modes.prepare); the hand-written path compiles or graph-captures its whole TTFT function at once.
 
     python benchmarks/toolkit_overhead.py --image-size 512 --modes eager compile --repeats 10
 """
@@ -19,8 +19,8 @@ from hand import hand_written
 from report import paired_ratio, parse_args, timing, write_json
 
 import ablate
-from ablate.modes import prepare
-from ablate.options import DTYPES, RunOptions
+from ablate.config.run_options import DTYPES, RunOptions
+from ablate.measurement.modes import prepare
 
 
 def main() -> None:

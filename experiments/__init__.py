@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ablate.hookspecs import hookimpl
+from ablate.api import hookimpl
 
 
 @hookimpl

@@ -19,8 +19,8 @@ from transformers import (
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 
 import ablate
-from ablate.components import StageContext, TokenLayout
-from ablate.errors import ConfigError
+from ablate.api.components import StageContext, TokenLayout
+from ablate.api.errors import ConfigError
 from ablate_plugins.connectors.anyres import AnyResMerge
 from ablate_plugins.connectors.downsample import LDPv2, PixelShuffle
 from ablate_plugins.encoders.anyres import AnyRes, select_best_resolution

@@ -15,7 +15,7 @@ from PIL import Image
 
 import ablate
 from ablate.cli import main
-from ablate_plugins.encoders.baselines import ClipViTL14, ConvLLaVA, ConvNeXtL, SigLIP
+from ablate_plugins.encoders.timm_encoder import ClipViTL14, ConvLLaVA, ConvNeXtL, SigLIP
 
 NEW_PRESETS = (
     "llava-1.5-7b",
@@ -81,7 +81,7 @@ def test_clip_selection_equals_forward_intermediates_on_a_small_vit():
     encoder = ClipViTL14(ClipViTL14.Config(name="clip-vit-l14-336", feature_block=2, model_kwargs=kwargs)).eval()
     pixels = torch.randn(2, 3, 336, 336)
     with torch.no_grad():
-        ours = encoder(ablate.components.StageContext(pixel_values=pixels)).tokens
+        ours = encoder(ablate.api.StageContext(pixel_values=pixels)).tokens
         reference = encoder.model.forward_intermediates(
             pixels, indices=[2], norm=False, output_fmt="NLC", return_prefix_tokens=False, intermediates_only=True
         )[0]
@@ -98,7 +98,7 @@ def test_clip_selection_equals_timm_forward_intermediates_full_size():
     model.load_state_dict(encoder.model.state_dict())
     pixels = torch.randn(1, 3, 336, 336)
     with torch.no_grad():
-        ours = encoder(ablate.components.StageContext(pixel_values=pixels)).tokens
+        ours = encoder(ablate.api.StageContext(pixel_values=pixels)).tokens
         reference = model.forward_intermediates(
             pixels, indices=[22], norm=False, output_fmt="NLC", return_prefix_tokens=False, intermediates_only=True
         )[0]
@@ -115,7 +115,7 @@ def test_every_new_preset_runs_count_only(preset, capsys):
 
 @pytest.mark.parametrize("preset", NEW_PRESETS)
 def test_presets_name_their_source(preset):
-    from ablate.config import preset_files
+    from ablate.config.presets import preset_files
 
     first = preset_files()[preset].read_text().splitlines()[0]
     assert first.startswith("# ") and "FastVLM table 6 row R" in first  # the paper row it reproduces
@@ -135,5 +135,5 @@ def test_input_size_leaves_square_encoders_alone():
 
 
 def test_timed_run_uses_the_input_size_for_its_synthetic_image():
-    record = ablate.measure("tiny", ["input_size=[200,100]"], repeats=1, warmup=0)
+    record = ablate.measure("tiny", ["input_size=[200,100]"], repeats=1, warmup=0).to_dict()
     assert (record["image"]["width"], record["image"]["height"]) == (200, 100)

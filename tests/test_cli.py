@@ -25,7 +25,7 @@ def test_run_json_record_has_every_field():
     assert {"torch", "timm", "transformers", "omegaconf"} <= set(record["env"]["libraries"])
     assert record["env"]["plugins"]["fastvit"] == record["env"]["ablate"]  # built-ins share ablate's version
     assert record["tokens"] == {"encoder": 4, "reducer": 4, "connector": 4, "llm_input": 20}
-    assert record["image"] == {"source": "synthetic", "width": 128, "height": 128}
+    assert record["image"] == {"source": "synthetic", "width": 128, "height": 128, "sha256": None}
     assert record["run"]["seed"] == 0
     assert record["config"]["encoder"]["name"] == "fastvit-tiny"
     assert record["peak_memory_mb"] > 0
@@ -61,7 +61,7 @@ def test_count_only_7b_on_a_small_machine():
 def test_7b_in_float32_is_refused_when_it_cannot_fit():
     import torch
 
-    from ablate.counting import available_memory
+    from ablate.measurement.machine import available_memory
 
     if (available_memory(torch.device("cpu")) or 0) > 40 * 2**30:
         pytest.skip("this machine has room for a 7B model in float32")

@@ -4,12 +4,13 @@ FastVLM claims file checked against the presets it names."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
 import ablate
 from ablate.cli import main
-from ablate.compare import Options, compare, load_claims, markdown
+from ablate.report.compare import Options, compare, load_claims, markdown
 
 TINY_CLAIMS = """
 title: tiny claims
@@ -67,10 +68,10 @@ def test_a_system_that_fits_nowhere_is_counted_not_skipped(claims_file):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_bfloat16_is_the_fallback_only_where_the_cpu_computes_it(claims_file, monkeypatch, native_bf16):
     """float32 does not fit, bfloat16 would: on a CPU that only emulates bfloat16, cut the LLM in float32 instead."""
-    import ablate.compare
+    import ablate.report.compare
 
-    monkeypatch.setattr(ablate.compare, "cpu_features", lambda: {"bf16": native_bf16})
-    params = ablate.measure("tiny", count_only=True)["params"]["total"]
+    monkeypatch.setattr(ablate.report.compare, "cpu_features", lambda: types.SimpleNamespace(bf16=native_bf16))
+    params = ablate.measure("tiny", count_only=True).to_dict()["params"]["total"]
     budget_gb = params * 3.0 * 1.2 / 2**30  # between bfloat16's 2 bytes a parameter and float32's 4
     result = compare(load_claims(str(claims_file)), Options(count_only=False, repeats=1, warmup=0, memory_gb=budget_gb))
     small = result["systems"]["small"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ablate.config import load_config
-from ablate.errors import ConfigError, UnknownComponentError
+from ablate.api.errors import ConfigError, UnknownComponentError
+from ablate.config.compose import load_config
 
 
 def write(path, text):

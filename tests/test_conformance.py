@@ -12,8 +12,9 @@ import re
 
 import pytest
 
-from ablate.registry import KINDS, get_registry
-from ablate.testing import suite_for
+from ablate.api.components import KINDS
+from ablate.api.registry import get_registry
+from ablate.api.testing import suite_for
 
 
 def full_size(**attributes) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, run_cli, run_cli_process
 
 import ablate
 
@@ -55,7 +55,7 @@ def test_example_is_listed_with_its_description():
     assert row is not None, result.stdout
     plugin, description, options = row[1:]
     assert plugin == "example-encoder"  # the entry-point name that registered it
-    assert description == ablate.components.describe(PatchConvEncoder)
+    assert description == ablate.api.components.describe(PatchConvEncoder)
     assert "patch_size=8" in options
 
 
@@ -102,12 +102,12 @@ def broken_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_broken_plugin_is_reported_not_fatal(broken_env):
-    listing = run_cli("list", "encoder", env=broken_env)
+    listing = run_cli_process("list", "encoder", env=broken_env)
     assert listing.returncode == 0, listing.stderr
     assert "example-patchconv" in listing.stdout and "timm" in listing.stdout  # the other plugins still load
     assert "broken-plugin" in listing.stderr and "ablate plugins" in listing.stderr
 
-    plugins = run_cli("plugins", env=broken_env)
+    plugins = run_cli_process("plugins", env=broken_env)
     assert plugins.returncode == 0, plugins.stderr
     rows = table_rows(plugins.stdout)
     _, module, version, registers, status = rows["broken-plugin"]
@@ -117,14 +117,14 @@ def test_broken_plugin_is_reported_not_fatal(broken_env):
 
 
 def test_strict_mode_fails_naming_the_plugin(broken_env):
-    result = run_cli("list", env={**broken_env, "ABLATE_STRICT_PLUGINS": "1"})
+    result = run_cli_process("list", env={**broken_env, "ABLATE_STRICT_PLUGINS": "1"})
     assert result.returncode != 0
     assert "broken-plugin" in result.stderr and "broken on purpose" in result.stderr
     assert "Traceback" not in result.stderr  # one paragraph, like every user-facing error
 
 
 def test_ablate_plugins_selects_what_loads(broken_env):
-    result = run_cli("plugins", env={**broken_env, "ABLATE_PLUGINS": "reducers"})
+    result = run_cli_process("plugins", env={**broken_env, "ABLATE_PLUGINS": "reducers"})
     assert result.returncode == 0, result.stderr
     # Only the selected plugin: the others, the broken one included, are not even imported.
     rows = {name: row[3:] for name, row in table_rows(result.stdout).items()}

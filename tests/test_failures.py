@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import install_plugin, run_cli
+from conftest import install_plugin, run_cli_process
 from PIL import Image
 
 import ablate
+from ablate.api.errors import ConfigError, PluginFailure
 from ablate.cli import main
-from ablate.errors import ConfigError, PluginFailure
-from ablate.record import empty_record
-from ablate.store import Store
+from ablate.grid.store import Store
+from ablate.measurement.record import Record
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 # (arguments, expected exit code, a phrase of the message). {root}, {huge}, ... are filled from `files`.
 BAD_INPUT = [
-    (["run", "tiny", "--threads", "-1"], 2, "run.threads (--threads) must be between 1 and"),
-    (["run", "tiny", "--threads", "0"], 2, "run.threads (--threads) must be between 1 and"),
+    (["run", "tiny", "--threads", "-1"], 2, "run.threads (--threads) must be at least 1, not -1"),
+    (["run", "tiny", "--threads", "0"], 2, "run.threads (--threads) must be at least 1, not 0"),
     (["run", "tiny", "--threads", "100000"], 2, "this machine's CPU count"),
     (["run", "tiny", "--seed", "-1"], 2, "run.seed (--seed) must be between 0 and"),
     (["run", "tiny", "--device", "banana"], 2, "Unknown device 'banana'"),
     (["run", "tiny", "--device", "mps"], 2, "MPS is not available here"),
-    (["run", "tiny", "--device", "cuda:7"], 2, "--device cuda:7 was asked for"),
+    (["run", "tiny", "--device", "cuda:7"], 2, "--device cuda:7 (run.device) was asked for"),
     (["run", "tiny", "--dtype", "float64"], 2, "Unknown dtype 'float64' (run.dtype)"),
     (["run", "tiny", "--dtype", "float16"], 2, "float16 is for GPUs"),
     (["run", "tiny", "--mode", "turbo"], 2, "Unknown mode 'turbo'"),
@@ -181,8 +181,8 @@ BAD_INPUT = [
         "offers: mean_similarity",
     ),
     (["run", "tiny", "reducer=prumerge", "reducer.score=bogus"], 2, "Bad value for config key 'reducer.score'"),
-    (["run", "tiny", "reducer=prumerge", "reducer.score=norm", "reducer.tokens=1"], 2, "use 2 or more"),
-    (["run", "tiny", "reducer=prumerge", "reducer.score=norm", "reducer.tokens=9"], 2, "more than the 4 tokens"),
+    (["run", "tiny", "reducer=prumerge", "reducer.score=norm", "reducer.tokens=1"], 2, "must be at least 2 (one kept"),
+    (["run", "tiny", "reducer=prumerge", "reducer.score=norm", "reducer.tokens=9"], 2, "can make of the 4 tokens"),
     (["run", "tiny", "encoder.image_size=256", "reducer=avgpool", "reducer.tokens=5"], 2, "gives 1, 4, 16 tokens"),
     (["run", "tiny", "reducer=avgpool", "reducer.tokens=4", "reducer.kernel=2"], 2, "give one of them"),
     (["run", "tiny", "reducer=avgpool", "reducer.tokens=8", "reducer.adaptive=true"], 2, "not a square number"),
@@ -284,7 +284,7 @@ def test_bad_input_table(args, code, phrase, files, capsys):
         lines = captured.out.strip().splitlines()
         assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {captured.out!r}"
         record = json.loads(lines[0])
-        assert set(record) == set(empty_record()), "the full record schema, failed or not"
+        assert set(record) == set(Record().to_dict()), "the full record schema, failed or not"
         assert record["error"]["type"] and phrase in record["error"]["message"]
     else:
         assert captured.out == ""
@@ -314,7 +314,7 @@ def test_overrides_may_follow_flags(capsys):
 
 
 def test_a_plugin_selection_that_matches_nothing_is_named(capsys, monkeypatch):
-    from ablate.registry import get_registry
+    from ablate.api.registry import get_registry
 
     monkeypatch.setenv("ABLATE_PLUGINS", "nonexistent")
     get_registry(reload=True)
@@ -342,7 +342,8 @@ def test_measure_twice_in_one_process_and_state_is_restored():
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     rng = torch.random.get_rng_state()
     records = [
-        ablate.measure("tiny", [f"encoder.image_size={size}"], repeats=1, warmup=0, threads=1) for size in (128, 192)
+        ablate.measure("tiny", [f"encoder.image_size={size}"], repeats=1, warmup=0, threads=1).to_dict()
+        for size in (128, 192)
     ]
     assert [r["visual_tokens"] for r in records] == [4, 9]
     assert all(r["error"] is None and r["run"]["threads"] == 1 for r in records)
@@ -352,26 +353,26 @@ def test_measure_twice_in_one_process_and_state_is_restored():
 
 def test_measure_raises_with_the_partial_record():
     with pytest.raises(ConfigError) as info:
-        ablate.measure("tiny", ["encoder.image_size=100"])
-    record = info.value.record
+        ablate.measure("tiny", ["encoder.image_size=100"]).to_dict()
+    record = info.value.record.to_dict()
     assert record["error"]["type"] == "ImageSizeError" and "multiple of 64" in record["error"]["message"]
     assert record["name"] == "tiny" and record["config"]["encoder"]["image_size"] == 100
 
 
 def test_unknown_run_option_in_python():
     with pytest.raises(ConfigError, match="Unknown config key 'run.repets'.*Did you mean 'repeats'"):
-        ablate.measure("tiny", repets=3)
+        ablate.measure("tiny", repets=3).to_dict()
 
 
 def test_count_only_says_the_weights_were_not_checked(tmp_path):
     weights = tmp_path / "encoder.safetensors"
     weights.write_bytes(b"not even a safetensors file")
-    record = ablate.measure("tiny", [f"encoder.weights={weights}"], count_only=True)
+    record = ablate.measure("tiny", [f"encoder.weights={weights}"], count_only=True).to_dict()
     assert any("encoder.weights exist but were not loaded or checked" in note for note in record["notes"])
     with pytest.raises(Exception) as info:  # a timed run does read them, and says what is wrong
-        ablate.measure("tiny", [f"encoder.weights={weights}"], repeats=1, warmup=0)
+        ablate.measure("tiny", [f"encoder.weights={weights}"], repeats=1, warmup=0).to_dict()
     assert "Cannot read weights" in str(info.value)
-    assert info.value.record["error"]["type"] == "CheckpointError"
+    assert info.value.record.error.type == "CheckpointError"
 
 
 # --------------------------------------------------------------------------------- failures inside a plugin
@@ -387,8 +388,8 @@ def test_a_plugin_bug_is_blamed_on_the_plugin_with_the_record_kept(tmp_path, mon
 
     from test_registry import plugin
 
-    from ablate.components import ReducerConfig, TokenReducer
-    from ablate.registry import Registry
+    from ablate.api.components import ReducerConfig, TokenReducer
+    from ablate.api.registry import Registry
 
     @dataclass
     class Config(ReducerConfig):
@@ -410,13 +411,13 @@ def test_a_plugin_bug_is_blamed_on_the_plugin_with_the_record_kept(tmp_path, mon
     registry.load_entry_points()
     registry.add_plugin(plugin(register_reducers=lambda register: register(Crashing)), "crashy")
     with pytest.raises(PluginFailure) as info:
-        ablate.measure("tiny", ["reducer=crashing"], registry=registry, repeats=2, warmup=0)
+        ablate.measure("tiny", ["reducer=crashing"], registry=registry, repeats=2, warmup=0).to_dict()
     error = info.value
     assert error.plugin == "crashy" and error.exit_code == 1
     assert "Plugin 'crashy' failed while timing (reducer stage)" in str(error) and "reducer exploded" in str(error)
     log = Path(error.log)
     assert log.parent == tmp_path and "_Boom: reducer exploded" in log.read_text() and "Traceback" in log.read_text()
-    record = error.record
+    record = error.record.to_dict()
     assert record["params"]["total"] > 0 and record["flops"]["encoder"] > 0  # measured before the failure
     assert record["error"] == {
         "type": "PluginFailure",
@@ -428,8 +429,7 @@ def test_a_plugin_bug_is_blamed_on_the_plugin_with_the_record_kept(tmp_path, mon
 
 
 CRASHING_ENCODER = '''
-from dataclasses import dataclass
-import ablate
+from ablate.api import hookimpl
 from ablate_plugins.encoders.fastvit import FastViTTiny
 
 class Crashing(FastViTTiny):
@@ -441,7 +441,7 @@ class Crashing(FastViTTiny):
             return super().forward(ctx)
         raise ZeroDivisionError("encoder divided by zero")
 
-@ablate.hookimpl
+@hookimpl
 def register_encoders(register):
     register(Crashing)
 '''
@@ -449,26 +449,26 @@ def register_encoders(register):
 
 def test_cli_names_the_plugin_and_hides_the_traceback_unless_debug(tmp_path):
     env = install_plugin(tmp_path, "crashing_plugin", CRASHING_ENCODER, "crashing")
-    result = run_cli("run", "tiny", "encoder=crashing-encoder", "--repeats", "1", "--json", env=env)
+    result = run_cli_process("run", "tiny", "encoder=crashing-encoder", "--repeats", "1", "--json", env=env)
     assert result.returncode == 1
     assert "Plugin 'crashing' failed while timing (encoder stage)" in result.stderr
     assert "ZeroDivisionError: encoder divided by zero" in result.stderr and "Traceback" not in result.stderr
     record = json.loads(result.stdout)
     assert record["error"]["plugin"] == "crashing" and Path(record["error"]["log"]).is_file()
     assert record["params"]["encoder"] > 0
-    debug = run_cli("run", "tiny", "encoder=crashing-encoder", "--repeats", "1", "--debug", env=env)
+    debug = run_cli_process("run", "tiny", "encoder=crashing-encoder", "--repeats", "1", "--debug", env=env)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "crashing_plugin.py" in debug.stderr
 
 
 DUPLICATE_NAME = '''
-import ablate
+from ablate.api import hookimpl
 from ablate_plugins.encoders.fastvit import FastViTTiny
 
 class Impostor(FastViTTiny):
     """Claims the built-in's name."""
     name = "fastvithd"
 
-@ablate.hookimpl
+@hookimpl
 def register_encoders(register):
     register(Impostor)
 '''
@@ -480,7 +480,7 @@ def test_a_third_party_plugin_cannot_take_a_builtin_name(tmp_path):
         [
             sys.executable,
             "-c",
-            "from ablate.registry import get_registry; r = get_registry(); "
+            "from ablate.api.registry import get_registry; r = get_registry(); "
             "print(r.plugins['aaa-impostor'].error); print(r.owner[('encoder', 'fastvithd')])",
         ],
         capture_output=True,
@@ -491,7 +491,7 @@ def test_a_third_party_plugin_cannot_take_a_builtin_name(tmp_path):
     error, owner = probe.stdout.strip().splitlines()
     assert "encoder 'fastvithd' is already registered by plugin 'fastvit' (built into ablate)" in error
     assert owner == "fastvit"
-    record = json.loads(run_cli("run", "fastvlm-0.5b", "--count-only", "--json", env=env).stdout)
+    record = json.loads(run_cli_process("run", "fastvlm-0.5b", "--count-only", "--json", env=env).stdout)
     assert record["params"]["encoder"] == 122_714_208  # the real FastViTHD, not the impostor
 
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import ablate
-from ablate.components import DecoderPruning
-from ablate.errors import ConfigError
+from ablate.api.components import DecoderPruning
+from ablate.api.errors import ConfigError
 from ablate_plugins.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
 from ablate_plugins.reducers.fastv import top_received
 
@@ -139,8 +139,10 @@ FASTV = ["encoder.image_size=256", "decoder.overrides.num_hidden_layers=4", "red
 
 
 def test_fastv_record_flags_the_unchanged_input_and_counts_the_pruned_prefill():
-    full = ablate.measure("tiny", FASTV[:2], count_only=True)
-    record = ablate.measure("tiny", [*FASTV, "reducer.tokens=4"], repeats=1, warmup=0, threads=1, fidelity=True)
+    full = ablate.measure("tiny", FASTV[:2], count_only=True).to_dict()
+    record = ablate.measure(
+        "tiny", [*FASTV, "reducer.tokens=4"], repeats=1, warmup=0, threads=1, fidelity=True
+    ).to_dict()
     assert record["tokens"] == full["tokens"] == {"encoder": 16, "reducer": 16, "connector": 16, "llm_input": 32}
     assert record["flops"]["prefill"] < full["flops"]["prefill"]
     note = next(note for note in record["notes"] if "leaves the LLM input unchanged" in note)

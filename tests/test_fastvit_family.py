@@ -10,9 +10,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from ablate.components import StageContext
-from ablate.errors import CheckpointError, ConfigError, ImageSizeError
-from ablate.weights import read_tensors
+from ablate.api.components import StageContext
+from ablate.api.errors import CheckpointError, ConfigError, ImageSizeError
+from ablate.api.weights import read_tensors
 from ablate_plugins.encoders.fastvit import (
     FastViT,
     FastViTConfig,
@@ -145,7 +145,7 @@ def test_preprocessing_is_fastvlms():
         ),
         (dict(fusion_stages=[4]), r"encoder.fusion_stages holds 4.*0..3"),
         (dict(fusion_stages=[1, 1]), r"encoder.fusion_stages.*twice"),
-        (dict(fusion="maxpool"), r"encoder.fusion='maxpool'"),
+        (dict(fusion="maxpool"), r"'encoder.fusion': 'maxpool'. Choose one of: dwconv, avgpool"),
         (dict(mean=[0.5]), r"encoder.mean needs 3 values"),
     ],
 )
@@ -288,7 +288,7 @@ def official_key_list() -> list[tuple[str, tuple[int, ...]]]:
 
 def test_apples_own_fastvithd_keys_convert_onto_timm_fastvit_mci3():
     """The fixed list of Apple's key names (not derived from our map) loads strictly into our FastViTHD."""
-    from ablate.weights import load_state_dict_strict
+    from ablate.api.weights import load_state_dict_strict
 
     official = {key: torch.empty(shape, device="meta") for key, shape in official_key_list()}
     assert len(official) == 629 and "head.proj" in official

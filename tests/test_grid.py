@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ablate.config import load_config
-from ablate.errors import ConfigError
-from ablate.grid import config_hash, is_grid_file, load_grid, split_values
-from ablate.registry import get_registry
+from ablate.api.errors import ConfigError
+from ablate.api.registry import get_registry
+from ablate.config.compose import config_hash, load_config
+from ablate.grid.expansion import is_grid_file, load_grid, split_values
 
 
 def write(path, data) -> str:

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from ablate.cli import main
-from ablate.grid import load_grid
-from ablate.record import empty_record
-from ablate.store import Store
+from ablate.grid.expansion import load_grid
+from ablate.grid.store import Store
+from ablate.measurement.record import Record
 
 SWEEP = ["encoder.image_size=128,192,100", "prompt_tokens=4,8"]  # 100 px: not a multiple of the stride, 64
 
@@ -40,7 +40,7 @@ def test_a_grid_records_its_impossible_cells_completes_the_others_and_exits_non_
     captured = capsys.readouterr()
     assert code == 1
     records = [json.loads(line) for line in captured.out.splitlines()]
-    assert len(records) == 6 and all(set(r) == set(empty_record()) for r in records)
+    assert len(records) == 6 and all(set(r) == set(Record().to_dict()) for r in records)
     failed = [r for r in records if r["error"]]
     assert len(failed) == 2 and {r["config"]["encoder"]["image_size"] for r in failed} == {100}
     assert all(r["error"]["type"] == "ImageSizeError" and "multiple of 64" in r["error"]["message"] for r in failed)
@@ -86,18 +86,18 @@ def test_results_name_a_path_no_row_has(ran, capsys):
 def test_the_store_keeps_records_of_any_shape(tmp_path):
     """Extra fields (a later `accuracy`), other schema versions and missing figures are kept as they are."""
     with Store(tmp_path / "s.db") as store:
-        store.put("a", {**empty_record(), "accuracy": 0.5, "latency_ms": {"ttft": float("nan")}}, "a")
-        store.put("b", {"schema_version": 3, "name": "future", "error": None}, "b")
-        store.put("a", {**empty_record(), "accuracy": 0.75}, "a again")
+        store.put("a", {**Record().to_dict(), "accuracy": 0.5, "latency_ms": {"ttft": float("nan")}}, "a")
+        store.put("b", {"schema_version": 4, "name": "future", "error": None}, "b")
+        store.put("a", {**Record().to_dict(), "accuracy": 0.75}, "a again")
         rows = {row.key: row for row in store.rows()}
         assert rows["a"].record["accuracy"] == 0.75 and rows["a"].label == "a again"
-        assert rows["b"].record == {"schema_version": 3, "name": "future", "error": None}
+        assert rows["b"].record == {"schema_version": 4, "name": "future", "error": None}
         assert [row.key for row in store.rows(filters=["accuracy>0.6"])] == ["a"]
 
 
 WRITER = """
 import sys
-from ablate.store import Store
+from ablate.grid.store import Store
 name, count = sys.argv[1], int(sys.argv[2])
 store = Store(sys.argv[3])
 for index in range(count):
@@ -148,10 +148,10 @@ def test_labels_and_errors_print_as_written(capsys):
     """Values with brackets (list overrides, `ablate[plot]`) are text, not rich markup."""
     from rich.console import Console
 
-    from ablate.display import rows_table
-    from ablate.store import Row
+    from ablate.grid.store import Row
+    from ablate.report.tables import rows_table
 
-    failed = {**empty_record(), "error": {"type": "ConfigError", "message": "install 'ablate[plot]'"}}
+    failed = {**Record().to_dict(), "error": {"type": "ConfigError", "message": "install 'ablate[plot]'"}}
     console = Console(record=True, width=300)
     console.print(rows_table([Row("k", "failed", "encoder.token_mixers=[repmixer,attention]", failed)], "[t]"))
     text = console.export_text()

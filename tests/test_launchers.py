@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from ablate.cli import main
-from ablate.grid import load_grid
-from ablate.store import Store
+from ablate.grid.expansion import load_grid
+from ablate.grid.store import Store
 
 GRID = ["tiny", "encoder.image_size=128,192,256", "prompt_tokens=4,8,12,16"]  # 12 cells
 
@@ -60,5 +60,5 @@ def test_every_launcher_gives_the_same_rows(launcher, in_process, tmp_path, caps
 def test_a_missing_launcher_library_names_its_extra(launcher, extra, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, launcher, None)  # what `import` sees when the package is not installed
     assert main(["grid", *GRID, "--db", str(tmp_path / "r.db"), "--launcher", launcher]) == 2
-    assert f"pip install 'ablate[{extra}]'" in capsys.readouterr().err
+    assert f"pip install 'ablate-vlm[{extra}]'" in capsys.readouterr().err
     assert not (tmp_path / "r.db").exists()  # refused before anything ran

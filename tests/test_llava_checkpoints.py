@@ -18,8 +18,8 @@ from transformers import (
 )
 
 import ablate
+from ablate.api.errors import CheckpointError
 from ablate.cli import main
-from ablate.errors import CheckpointError
 
 IMAGE_TOKEN = 150
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=160)

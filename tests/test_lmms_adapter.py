@@ -12,14 +12,14 @@ import pytest
 
 lmms_eval = pytest.importorskip("lmms_eval")
 
-from ablate.config import load_config  # noqa: E402
-from ablate.data.llava import read_examples  # noqa: E402
-from ablate.data.synth import SynthOptions, generate  # noqa: E402
-from ablate.data.templates import get_template  # noqa: E402
-from ablate.data.tokenizer import load_tokenizer  # noqa: E402
-from ablate.evaluation import answer  # noqa: E402
-from ablate.model import build  # noqa: E402
-from ablate.training import train  # noqa: E402
+from ablate.config.compose import load_config  # noqa: E402
+from ablate.model.build import build  # noqa: E402
+from ablate.train.data.llava import read_examples  # noqa: E402
+from ablate.train.data.synth import SynthOptions, generate  # noqa: E402
+from ablate.train.data.templates import get_template  # noqa: E402
+from ablate.train.data.tokenizer import load_tokenizer  # noqa: E402
+from ablate.train.evaluation import answer  # noqa: E402
+from ablate.train.loop import train  # noqa: E402
 
 TASK = """
 task: ablate_synth_local
@@ -74,7 +74,7 @@ def test_lmms_eval_gets_the_answers_ablate_eval_gets(run, tmp_path):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from ablate.lmms_adapter import AblateLMMS
+    from ablate.train.lmms_adapter import AblateLMMS
 
     run_dir, data = run
     examples, _ = read_examples(data / "test.json")
@@ -111,7 +111,7 @@ def test_loglikelihood_prefers_what_greedy_decoding_says(run):
     """The log-likelihood of the model's own greedy answer is flagged greedy and beats any other answer's."""
     from lmms_eval.api.instance import Instance
 
-    from ablate.lmms_adapter import AblateLMMS
+    from ablate.train.lmms_adapter import AblateLMMS
 
     run_dir, data = run
     examples, _ = read_examples(data / "test.json")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ablate
-from ablate.components import StageContext
-from ablate.errors import ConfigError, ImageSizeError, IncompatibleComponentsError
+from ablate.api.components import StageContext
+from ablate.api.errors import ConfigError, ImageSizeError, IncompatibleComponentsError
 
 TINY = "tiny"
 

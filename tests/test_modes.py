@@ -17,12 +17,13 @@ import torch
 from test_registry import plugin
 
 import ablate
-from ablate.components import EncoderConfig, ReducerConfig, StageContext, TokenReducer, VisionEncoder
-from ablate.modes import Replay, cpu_features
-from ablate.options import RunOptions
-from ablate.record import empty_record
-from ablate.registry import Registry
-from ablate.roofline import PEAKS, device_peak, weight_bytes
+from ablate.api.components import EncoderConfig, ReducerConfig, StageContext, TokenReducer, VisionEncoder
+from ablate.api.registry import Registry
+from ablate.config.run_options import RunOptions
+from ablate.measurement.machine import cpu_features
+from ablate.measurement.modes import Replay
+from ablate.measurement.record import Record
+from ablate.measurement.roofline import PEAKS, device_peak, weight_bytes
 
 FAST = dict(repeats=1, warmup=0)
 HAS_CUDA = torch.cuda.is_available()
@@ -44,14 +45,14 @@ def compiled(tmp_path_factory, inductor_cache):
     trace = tmp_path_factory.mktemp("trace") / "trace.json"
     return ablate.measure(
         "tiny", mode="cudagraph", memory_format="channels_last", profile=str(trace), device="cpu", **FAST
-    )
+    ).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ eager
 
 
 def test_eager_record_says_what_ran():
-    record = ablate.measure("tiny", **FAST)
+    record = ablate.measure("tiny", **FAST).to_dict()
     execution = record["execution"]
     assert execution["requested"]["mode"] == execution["used"]["mode"] == "eager"
     assert execution["used"]["memory_format"] == "contiguous"
@@ -59,14 +60,14 @@ def test_eager_record_says_what_ran():
     assert execution["fallbacks"] == [] and execution["timer"] == "perf_counter"
     assert execution["deviation_from_eager"] is None and execution["setup_s"] is None
     assert execution["used"]["dtypes"]["encoder"] == "float32" and execution["used"]["dtypes"]["reducer"] is None
-    assert set(execution) == set(empty_record()["execution"])
+    assert set(execution) == set(Record().to_dict()["execution"])
 
 
 def test_bfloat16_on_a_cpu_without_bf16_instructions_says_so():
-    record = ablate.measure("tiny", dtype="bfloat16", **FAST)
+    record = ablate.measure("tiny", dtype="bfloat16", **FAST).to_dict()
     assert record["execution"]["used"]["dtypes"]["decoder"] == "bfloat16"
     warned = any("no bfloat16 instructions" in note for note in record["notes"])
-    assert warned == (not cpu_features()["bf16"])
+    assert warned == (not cpu_features().bf16)
     assert record["roofline"]["stages"]["prefill"]["dtype"] == "bfloat16"
 
 
@@ -74,7 +75,7 @@ def test_bfloat16_on_a_cpu_without_bf16_instructions_says_so():
 
 
 def test_roofline_figures_are_consistent():
-    record = ablate.measure("tiny", **FAST)
+    record = ablate.measure("tiny", **FAST).to_dict()
     roofline = record["roofline"]
     peak = roofline["peak"]
     assert peak["tflops"]["float32"] > 0 and peak["bandwidth_gbs"] > 0 and "estimate" in peak["source"]
@@ -108,8 +109,10 @@ def test_weight_bytes_count_a_gathered_embedding_table_only_when_a_linear_shares
 
 
 def test_count_only_gives_floors_and_the_peak_override_moves_them():
-    plain = ablate.measure("tiny", count_only=True)
-    faster = ablate.measure("tiny", ["run.peak.tflops=1000", "run.peak.bandwidth_gbs=1000000"], count_only=True)
+    plain = ablate.measure("tiny", count_only=True).to_dict()
+    faster = ablate.measure(
+        "tiny", ["run.peak.tflops=1000", "run.peak.bandwidth_gbs=1000000"], count_only=True
+    ).to_dict()
     encoder, fast_encoder = plain["roofline"]["stages"]["encoder"], faster["roofline"]["stages"]["encoder"]
     assert encoder["floor_ms"] > 0 and encoder["measured_ms"] is None and encoder["measured_over_floor"] is None
     assert fast_encoder["peak_tflops"] == 1000
@@ -122,12 +125,12 @@ def test_count_only_gives_floors_and_the_peak_override_moves_them():
 def test_the_gpu_table_matches_device_names(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     peak = device_peak(torch.device("cuda"), RunOptions())
-    assert peak["tflops"]["bfloat16"] == 989.0 and peak["bandwidth_gbs"] == 3350.0 and "H100" in peak["source"]
+    assert peak.tflops["bfloat16"] == 989.0 and peak.bandwidth_gbs == 3350.0 and "H100" in peak.source
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GH200 480GB")
-    assert device_peak(torch.device("cuda"), RunOptions())["bandwidth_gbs"] == dict(PEAKS)["GH200"]["bandwidth_gbs"]
+    assert device_peak(torch.device("cuda"), RunOptions()).bandwidth_gbs == dict(PEAKS)["GH200"]["bandwidth_gbs"]
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery Accelerator 9000")
     unknown = device_peak(torch.device("cuda"), RunOptions())
-    assert unknown["tflops"] is None and "set run.peak" in unknown["source"]
+    assert unknown.tflops is None and "set run.peak" in unknown.source
 
 
 # ------------------------------------------------------------------------------------ compile (and fallback)
@@ -225,7 +228,7 @@ def registry():
 def test_a_stage_that_breaks_under_compile_runs_eagerly_and_is_labelled(registry):
     record = ablate.measure(
         "tiny", ["encoder=linear-patches", "reducer=breaks-under-compile"], registry=registry, mode="compile", **FAST
-    )
+    ).to_dict()
     execution = record["execution"]
     assert execution["stages"] == {
         "encoder": "compile",
@@ -243,7 +246,7 @@ def test_a_stage_that_breaks_under_compile_runs_eagerly_and_is_labelled(registry
 def test_channels_last_on_an_encoder_without_convolutions_is_a_labelled_no_op(registry):
     record = ablate.measure(
         "tiny", ["encoder=linear-patches"], registry=registry, memory_format="channels_last", **FAST
-    )
+    ).to_dict()
     execution = record["execution"]
     assert execution["requested"]["memory_format"] == "channels_last"
     assert execution["used"]["memory_format"] == "contiguous"
@@ -283,7 +286,7 @@ def test_replay_copies_a_fresh_input_into_the_static_one_and_chains_without_copi
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cudagraph_captures_every_stage_and_the_whole_ttft():
-    record = ablate.measure("tiny", device="cuda", mode="cudagraph", repeats=3, warmup=1)
+    record = ablate.measure("tiny", device="cuda", mode="cudagraph", repeats=3, warmup=1).to_dict()
     execution = record["execution"]
     assert execution["used"]["mode"] == "cudagraph" and execution["fallbacks"] == []
     assert execution["ttft"] == "one CUDA graph for the whole path" and execution["timer"] == "cuda-events"
@@ -303,7 +306,7 @@ def test_cudagraph_with_a_data_dependent_reducer_says_ttft_is_not_one_graph():
         mode="cudagraph",
         repeats=2,
         warmup=1,
-    )
+    ).to_dict()
     execution = record["execution"]
     assert execution["stages"]["reducer"] == "eager" and execution["stages"]["encoder"] == "cudagraph"
     assert execution["used"]["mode"] == "mixed" and "eager reducer" in execution["ttft"]
@@ -322,7 +325,7 @@ def test_the_cli_prints_floors_and_the_top_kernels(tmp_path, capsys):
 
 
 def test_the_timm_encoder_times_the_fused_form_unless_told_otherwise():
-    from ablate.registry import get_registry
+    from ablate.api.registry import get_registry
 
     cls = get_registry().get("encoder", "timm")
     pixels = StageContext(pixel_values=torch.rand(1, 3, 128, 128))
@@ -336,5 +339,5 @@ def test_the_timm_encoder_times_the_fused_form_unless_told_otherwise():
     with torch.no_grad():
         fused, branches = (encoders[fuse](pixels).tokens for fuse in (True, False))
     assert torch.allclose(fused, branches, atol=1e-5 * branches.abs().max().item())
-    record = ablate.measure("tiny", ["encoder=timm", "encoder.model_name=fastvit_t8"], count_only=True)
+    record = ablate.measure("tiny", ["encoder=timm", "encoder.model_name=fastvit_t8"], count_only=True).to_dict()
     assert record["encoder_form"] == "inference"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ablate.cli import main
-from ablate.plots import pareto_front, write_plots
-from ablate.record import empty_record
-from ablate.store import Store
+from ablate.grid.store import Store
+from ablate.measurement.record import Record
+from ablate.report.plots import pareto_front, write_plots
 
 PLOTS = ("ttft_vs_tokens", "stage_latency", "encoder_vs_resolution")
 
@@ -43,7 +43,7 @@ def test_plot_writes_non_empty_png_and_html(grid_db, tmp_path, capsys):
 
 
 def test_plots_leave_out_rows_without_timings_and_tolerate_extra_fields(tmp_path):
-    timed = {**empty_record(), "visual_tokens": 16, "accuracy": 0.6, "name": "x"}
+    timed = {**Record().to_dict(), "visual_tokens": 16, "accuracy": 0.6, "name": "x"}
     timed.update(
         latency_ms={"encoder": 1.0, "reducer": 0.1, "connector": 0.2, "prefill": 3.0, "ttft": 4.5},
         run={"device": "cpu", "dtype": "float32", "mode": "eager"},
@@ -52,8 +52,8 @@ def test_plots_leave_out_rows_without_timings_and_tolerate_extra_fields(tmp_path
     )
     bigger = {**timed, "visual_tokens": 64, "config": {"encoder": {"name": "e", "image_size": 512}}}
     bigger["latency_ms"] = {**timed["latency_ms"], "ttft": 9.0}
-    count_only = {**empty_record(), "visual_tokens": 4}
-    failed = {**empty_record(), "error": {"type": "X", "message": "m"}}
+    count_only = {**Record().to_dict(), "visual_tokens": 4}
+    failed = {**Record().to_dict(), "error": {"type": "X", "message": "m"}}
     files, notes = write_plots([timed, bigger, count_only, failed, {"schema_version": 9}], tmp_path)
     assert sorted(path.name for path in files) == sorted(f"{n}.{ext}" for n in PLOTS for ext in ("png", "html"))
     assert notes == ["accuracy_vs_ttft: no row has an accuracy (`ablate eval --db` stores one)"]
@@ -61,7 +61,7 @@ def test_plots_leave_out_rows_without_timings_and_tolerate_extra_fields(tmp_path
 
 def test_accuracy_vs_ttft_marks_the_pareto_front_and_chance(tmp_path):
     def evaluated(size: int, ttft: float, exact_match: float) -> dict:
-        record = {**empty_record(), "name": "synth-tiny", "visual_tokens": (size // 64) ** 2}
+        record = {**Record().to_dict(), "name": "synth-tiny", "visual_tokens": (size // 64) ** 2}
         record.update(
             latency_ms={"encoder": ttft / 2, "reducer": 0.0, "connector": 0.1, "prefill": ttft / 2, "ttft": ttft},
             run={"device": "cpu", "dtype": "float32", "mode": "eager"},
@@ -88,6 +88,6 @@ def test_accuracy_vs_ttft_marks_the_pareto_front_and_chance(tmp_path):
 
 def test_a_store_without_timings_says_why_nothing_is_plotted(tmp_path, capsys):
     with Store(tmp_path / "c.db") as store:
-        store.put("a", {**empty_record(), "visual_tokens": 4}, "a")
+        store.put("a", {**Record().to_dict(), "visual_tokens": 4}, "a")
     assert main(["plot", "--db", str(tmp_path / "c.db"), "--out", str(tmp_path / "p")]) == 2
     assert "count-only or failed cells only" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import torch
 from conftest import run_json
 from PIL import Image
 
-from ablate.components import Preprocessing
-from ablate.preprocess import preprocess
+from ablate.api.components import Preprocessing
+from ablate.api.preprocessing import preprocess
 
 
 def test_pad_to_black_square_then_resize():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import ablate
-from ablate.baselines import downsampled
+from ablate.model.downsampling import downsampled
 
 ENCODERS = {  # 16 visual tokens each; the score each one offers in place of the CLS attention where it has none
     "vit": (
@@ -49,7 +49,7 @@ def cells(encoder: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_grid_reducers_x_encoders(encoder):
     records = {
-        name: ablate.measure("tiny", overrides, repeats=1, warmup=0, threads=1, fidelity=True)
+        name: ablate.measure("tiny", overrides, repeats=1, warmup=0, threads=1, fidelity=True).to_dict()
         for name, overrides in cells(encoder).items()
     }
     for name, record in records.items():

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import ablate
-from ablate.components import ATTENTION, CLS, Attention, StageContext, TokenLayout
-from ablate.errors import ConfigError
-from ablate.registry import get_registry
+from ablate.api.components import ATTENTION, CLS, Attention, StageContext, TokenLayout
+from ablate.api.errors import ConfigError
+from ablate.api.reducers import SCORES, offered_scores, token_scores
+from ablate.api.registry import get_registry
 from ablate_plugins.reducers.pooling import MATRYOSHKA_SCALES, nested_scales
-from ablate_plugins.reducers.scores import SCORES, offered, token_scores
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,9 @@ def test_matryoshka_all_scales_contract():
 def test_matryoshka_counts_on_llava_15s_encoder():
     overrides = ["encoder=timm", "encoder.model_name=vit_large_patch14_clip_336", "encoder.feature_block=22"]
     for tokens in (1, 9, 36, 144, 576):
-        record = ablate.measure("tiny", [*overrides, "reducer=matryoshka", f"reducer.tokens={tokens}"], count_only=True)
+        record = ablate.measure(
+            "tiny", [*overrides, "reducer=matryoshka", f"reducer.tokens={tokens}"], count_only=True
+        ).to_dict()
         assert record["visual_tokens"] == tokens and record["tokens"]["encoder"] == 576
 
 
@@ -96,7 +98,7 @@ def test_matryoshka_counts_on_fastvithd_at_1024():
     for tokens in (1, 4, 16, 64, 256):
         record = ablate.measure(
             "tiny", ["encoder=fastvithd", "reducer=matryoshka", f"reducer.tokens={tokens}"], count_only=True
-        )
+        ).to_dict()
         assert record["visual_tokens"] == tokens and record["tokens"]["encoder"] == 256
 
 
@@ -302,7 +304,7 @@ OFFERED = {
 @pytest.mark.parametrize("encoder", TINY_ENCODERS)
 def test_each_encoder_declares_its_scores(encoder):
     vlm = ablate.build("tiny", TINY_ENCODERS[encoder], meta=True)
-    assert offered(vlm.encoder) == OFFERED[encoder]
+    assert offered_scores(vlm.encoder) == OFFERED[encoder]
 
 
 def test_a_score_the_encoder_cannot_give_fails_at_build_listing_the_options():
@@ -367,21 +369,21 @@ def test_data_dependent_counts_come_from_the_measured_image():
     """Adaptive PruMerge: count-only leaves its counts open; a timed run recounts the reducer and the prefill on the
     real image, and its prefill FLOPs equal those of a fixed budget with the same token count."""
     overrides = ["encoder.image_size=256", "reducer=prumerge", "reducer.score=attention_received"]
-    counted = ablate.measure("tiny", overrides, count_only=True)
+    counted = ablate.measure("tiny", overrides, count_only=True).to_dict()
     assert counted["visual_tokens"] is None and counted["flops"]["reducer"] is None
     assert any("depends on the image" in note for note in counted["notes"])
-    timed = ablate.measure("tiny", overrides, repeats=1, warmup=0, threads=1)
+    timed = ablate.measure("tiny", overrides, repeats=1, warmup=0, threads=1).to_dict()
     kept = timed["visual_tokens"]
     assert 2 <= kept < 16 and timed["tokens"]["reducer"] == kept and timed["flops"]["reducer"] > 0
-    fixed = ablate.measure("tiny", [*overrides, f"reducer.tokens={kept}"], count_only=True)
+    fixed = ablate.measure("tiny", [*overrides, f"reducer.tokens={kept}"], count_only=True).to_dict()
     assert timed["flops"]["prefill"] == fixed["flops"]["prefill"] and timed["latency_ms"]["reducer"] > 0
 
 
 def test_a_reducer_that_leaves_the_llm_input_unchanged_is_flagged():
-    unchanged = ablate.measure("tiny", ["reducer=matryoshka"], count_only=True)
+    unchanged = ablate.measure("tiny", ["reducer=matryoshka"], count_only=True).to_dict()
     assert "reducer 'matryoshka' leaves the LLM input unchanged: 4 visual tokens in and out." in unchanged["notes"]
     for overrides in (["reducer=none"], ["reducer=avgpool"]):
-        record = ablate.measure("tiny", overrides, count_only=True)
+        record = ablate.measure("tiny", overrides, count_only=True).to_dict()
         assert not any("unchanged" in note for note in record["notes"]), overrides
 
 
@@ -392,13 +394,13 @@ def test_fidelity_is_in_the_record_when_asked_for(tmp_path):
     fidelity = record["fidelity"]
     assert set(fidelity) == {"top1_agreement", "kl", "rows", "reference"} and fidelity["kl"] > 0
     assert record["config"]["run"]["fidelity"] is True
-    assert ablate.measure("tiny", repeats=1, warmup=0, threads=1)["fidelity"] is None
-    counted = ablate.measure("tiny", count_only=True, fidelity=True)
+    assert ablate.measure("tiny", repeats=1, warmup=0, threads=1).to_dict()["fidelity"] is None
+    counted = ablate.measure("tiny", count_only=True, fidelity=True).to_dict()
     assert counted["fidelity"] is None and any("fidelity needs a real run" in note for note in counted["notes"])
 
 
 def test_plain_downsampling_baseline_gives_the_same_count():
-    from ablate.baselines import downsampled, image_size_for_tokens
+    from ablate.model.downsampling import downsampled, image_size_for_tokens
 
     vit = ["encoder=timm", "encoder.model_name=vit_large_patch14_clip_336", "encoder.feature_block=22"]
     assert image_size_for_tokens("tiny", 64, vit) == 112

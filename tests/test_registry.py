@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import ablate
-from ablate.components import Connector, ConnectorConfig
-from ablate.errors import PluginError, UnknownComponentError
-from ablate.registry import Registry, get_registry
+from ablate.api import hookimpl
+from ablate.api.components import Connector, ConnectorConfig
+from ablate.api.errors import PluginError, UnknownComponentError
+from ablate.api.registry import Registry, get_registry
 
 
 def connector_class(name: str):
@@ -33,7 +33,7 @@ def plugin(**hooks):
     """A plugin object whose hooks are the given functions, marked as ablate hook implementations."""
     module = types.SimpleNamespace()
     for hook_name, function in hooks.items():
-        setattr(module, hook_name, ablate.hookimpl(function))
+        setattr(module, hook_name, hookimpl(function))
     return module
 
 

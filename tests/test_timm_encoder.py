@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ablate.components import ATTENTION, CLS, StageContext
-from ablate.errors import ImageSizeError
+from ablate.api.components import ATTENTION, CLS, StageContext
+from ablate.api.errors import ImageSizeError
 from ablate_plugins.encoders.timm_encoder import TimmEncoder, TimmEncoderConfig
 
 
@@ -90,7 +90,7 @@ def test_fixed_size_vit_refuses_other_sizes_with_the_fix():
 
 
 def test_unknown_timm_model_is_a_config_error():
-    from ablate.errors import ConfigError
+    from ablate.api.errors import ConfigError
 
     with pytest.raises(ConfigError, match="encoder.model_name"):
         encoder(model_name="vit_nonexistent_patch3")
@@ -106,7 +106,7 @@ def test_unknown_timm_model_is_a_config_error():
     ],
 )
 def test_bad_options_name_the_key(options, message):
-    from ablate.errors import ConfigError
+    from ablate.api.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         encoder(**{"model_name": "vit_tiny_patch16_224", "image_size": 64, **options})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ablate.cli import main
-from ablate.grid import load_grid
+from ablate.grid.expansion import load_grid
 
 
 def read_run(run_file: Path) -> dict:

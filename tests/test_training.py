@@ -11,15 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 import ablate
+from ablate.api.errors import ConfigError
+from ablate.api.registry import get_registry
 from ablate.cli import main
-from ablate.config import load_config
-from ablate.data.synth import SynthOptions, generate
-from ablate.errors import ConfigError
-from ablate.evaluation import anls, evaluate, exact_match
-from ablate.record import empty_record
-from ablate.registry import get_registry
-from ablate.store import Store
-from ablate.training import build_for_stage, freeze, make_optimizer, train, training_loss
+from ablate.config.compose import load_config
+from ablate.grid.store import Store
+from ablate.measurement.record import Record
+from ablate.train.data.synth import SynthOptions, generate
+from ablate.train.evaluation import anls, evaluate, exact_match
+from ablate.train.loop import build_for_stage, freeze, make_optimizer, train, training_loss
 
 # Small and quick: 64 px (one visual token), batches of 4, a few steps.
 QUICK = [
@@ -54,7 +54,7 @@ def test_stage1_freezes_encoder_and_llm():
     config = load_config("synth-tiny", ["encoder.image_size=64"])
     stage = config.train.stages[0]
     assert stage.name == "stage1" and stage.train == ["connector"]
-    vlm = build_for_stage(config, stage, ablate.registry.get_registry())
+    vlm = build_for_stage(config, stage, ablate.api.registry.get_registry())
     freeze(vlm, stage.train)
     optimizer = make_optimizer(vlm, stage)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -74,7 +74,7 @@ def test_stage1_freezes_encoder_and_llm():
 def test_stage2_trains_everything_with_a_learning_rate_per_component():
     config = load_config("synth-tiny", ["train.stages.1.lr.encoder=0.5", "train.stages.1.lr.decoder=0.25"])
     stage = config.train.stages[1]
-    vlm = build_for_stage(config, stage, ablate.registry.get_registry())
+    vlm = build_for_stage(config, stage, ablate.api.registry.get_registry())
     freeze(vlm, stage.train)
     optimizer = make_optimizer(vlm, stage)
     lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
@@ -191,8 +191,8 @@ def test_train_then_eval_round_trip(data, tmp_path):
         *[f"train.stages.0.lr.{kind}=3e-3" for kind in ("encoder", "connector", "decoder")],
     ]
     summary = train("synth-tiny", overrides, data=data, out=tmp_path / "run")
-    record = evaluate(tmp_path / "run", data=data, split="test.json", repeats=1, warmup=0)
-    assert set(record) == set(empty_record()) and record["error"] is None
+    record = evaluate(tmp_path / "run", data=data, split="test.json", repeats=1, warmup=0).to_dict()
+    assert set(record) == set(Record().to_dict()) and record["error"] is None
     accuracy = record["accuracy"]
     assert accuracy["n"] == 4 and accuracy["chance"] == 0.25 and accuracy["exact_match"] == 1.0, summary
     assert accuracy["anls"] == 1.0

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ablate.components import IGNORE_INDEX
-from ablate.data.llava import ConversationDataset, read_examples
-from ablate.data.synth import SynthOptions, generate
-from ablate.data.templates import TEMPLATES, get_template
-from ablate.data.tokenizer import encode, load_tokenizer
-from ablate.errors import ConfigError, DataError
+from ablate.api.components import IGNORE_INDEX
+from ablate.api.errors import ConfigError, DataError
+from ablate.train.data.llava import ConversationDataset, read_examples
+from ablate.train.data.synth import SynthOptions, generate
+from ablate.train.data.templates import TEMPLATES, get_template
+from ablate.train.data.tokenizer import encode, load_tokenizer
 
 IMAGE_ID = 127
 

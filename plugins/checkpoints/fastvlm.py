@@ -1,4 +1,4 @@
-"""FastVLM's two whole-VLM checkpoint layouts (spec: fastvlm.md sections 3.4-4), as checkpoint formats.
+"""FastVLM's two whole-VLM checkpoint layouts, as checkpoint formats.
 
 * transformers FastVLM (`fast-vlm-hf`): config.json with `model_type: fast_vlm` (FastVlmForConditionalGeneration),
   safetensors (sharded or not). Keys `model.vision_tower.timm_model.*` (timm FastVit),
@@ -10,8 +10,10 @@
   is dropped), `model.mm_projector.{0,2}.*`, and Qwen2's `model.*` and `lm_head.*`.
 
 Both build the same parts: a FastViT-family encoder, the mlp2x_gelu connector and the hf-causal-lm decoder; the key
-maps name those plugins' modules (`encoder.model` is the timm FastVit, `connector.layers` the mlp2x_gelu
-Sequential, `decoder.lm` the transformers causal LM). Encoder-only weights load through `encoder.weights=PATH`.
+maps name those components' modules (`encoder.model` is the timm FastVit, `connector.layers` the mlp2x_gelu
+Sequential, `decoder.lm` the transformers causal LM), and the encoder converts the official tower names itself
+(`convert_weights`). Encoder-only weights load through `encoder.weights=PATH`. Sources: transformers
+`models/fast_vlm` (FastVlmConfig, the conversion script), apple/ml-fastvlm `llava/model/language_model/llava_qwen.py`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ablate.components import CheckpointFormat
-from ablate.errors import CheckpointError
-from ablate.hookspecs import hookimpl
-from ablate_plugins.decoders.hf_causal_lm import ARCHITECTURES
-from ablate_plugins.encoders.fastvit import FastViTConfig, convert_mci_state_dict
+from ablate.api import CheckpointError, CheckpointFormat, component_class, hookimpl, renamed_keys
 
 # timm architecture of transformers' TimmWrapper vision tower -> the ablate encoder that builds it.
 VISION_TOWERS = {"fastvit_mci3": "fastvithd", "fastvit_mci2": "fastvit-mci2", "fastvit_mci4": "fastvit-mci4"}
@@ -36,35 +32,8 @@ VISION_TOWERS = {"fastvit_mci3": "fastvithd", "fastvit_mci2": "fastvit-mci2", "f
 LLAVA_TOWERS = {"mobileclip_l": "fastvithd"}
 # timm create_model arguments that only matter for training (dropout, initialization): nothing to build.
 TRAINING_ONLY_ARGS = {"drop_rate", "proj_drop_rate", "drop_path_rate", "layer_scale_init_value"}
-# transformers config entries that are bookkeeping or generation settings, not architecture.
-NOT_ARCHITECTURE = {
-    "architectures",
-    "dtype",
-    "torch_dtype",
-    "transformers_version",
-    "_name_or_path",
-    "use_cache",
-    "auto_map",
-    "id2label",
-    "label2id",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "initializer_range",
-    "tokenizer_class",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "problem_type",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-}
 # LLaVA's own config entries beside the Qwen2 ones (training switches, tower and projector choice, tokenizer).
 LLAVA_ONLY_KEYS = re.compile(r"^(mm_|image_|tokenizer_|tune_|freeze_|unfreeze_|use_mm_|vision_tower|s2)")
-# Decoder config values that pick a same-sized preset for the record (`decoder.arch: qwen2-0.5b`). Not the vocabulary:
-# converted checkpoints pad it (an added image token).
-SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-
 LLAVA_VISION_PREFIX = "model.vision_tower.vision_tower.model."
 # Checkpoint key prefix -> module path in the VLM; first match wins.
 TRANSFORMERS_KEYS = (
@@ -79,7 +48,11 @@ LLAVA_KEYS = (
     ("model.", "decoder.lm.model."),
     ("lm_head.", "decoder.lm.lm_head."),
 )
-LM_HEAD, EMBEDDINGS = "decoder.lm.lm_head.weight", "decoder.lm.model.embed_tokens.weight"
+# Added to a mismatch error: a checkpoint's LM head tied or not is the usual difference from the config.
+TIED_HINT = (
+    "If the difference is the LM head: decoder.overrides.tie_word_embeddings=true ties it to the input embeddings "
+    "(a checkpoint that stores it once), decoder.overrides.tie_word_embeddings=false unties it."
+)
 
 
 class TransformersFastVLM(CheckpointFormat):
@@ -116,8 +89,7 @@ class TransformersFastVLM(CheckpointFormat):
         return _vlm_config(encoder, text, image_token_id)
 
     def to_vlm_keys(self, tensors, vlm):
-        mapped = {_renamed(key, TRANSFORMERS_KEYS): value for key, value in tensors.items()}
-        return mapped, _complete_tied_head(vlm, mapped)
+        return renamed_keys(tensors, TRANSFORMERS_KEYS), TIED_HINT
 
 
 class MlFastVLMLlava(CheckpointFormat):
@@ -154,9 +126,10 @@ class MlFastVLMLlava(CheckpointFormat):
             key[len(LLAVA_VISION_PREFIX) :]: tensors.pop(key)
             for key in [k for k in tensors if k.startswith(LLAVA_VISION_PREFIX)]
         }
-        mapped = {f"encoder.model.{key}": value for key, value in convert_mci_state_dict(vision).items()}  # no head
-        mapped.update({_renamed(key, LLAVA_KEYS): value for key, value in tensors.items()})
-        return mapped, _complete_tied_head(vlm, mapped)
+        # The official FastViTHD names: the encoder maps them onto its own keys (dropping the CLIP head).
+        mapped = {f"encoder.{key}": value for key, value in vlm.encoder.convert_weights(vision).items()}
+        mapped.update(renamed_keys(tensors, LLAVA_KEYS))
+        return mapped, TIED_HINT
 
 
 # ------------------------------------------------------------------------------- config -> ablate config
@@ -203,7 +176,7 @@ def _image_processor(directory: Path) -> dict[str, Any]:
 
 def _encoder_options(name: str, model_args: dict[str, Any], directory: Path) -> dict[str, Any]:
     """timm's create_model arguments (transformers' vision_config.model_args) as the encoder's config options."""
-    options = {f.name for f in dataclasses.fields(FastViTConfig)}  # every FastViT-family preset shares these
+    options = {f.name for f in dataclasses.fields(component_class("encoder", name).Config)}
     args = {key: value for key, value in model_args.items() if key not in TRAINING_ONLY_ARGS}
     unknown = sorted(set(args) - options)
     if unknown:
@@ -215,54 +188,8 @@ def _encoder_options(name: str, model_args: dict[str, Any], directory: Path) -> 
 
 
 def _decoder_node(text: dict[str, Any]) -> dict[str, Any]:
-    """hf-causal-lm with every architecture value of the checkpoint's text config as an override."""
-    model_type = text.get("model_type")
-    family = {name: values for name, values in ARCHITECTURES.items() if values["model_type"] == model_type}
-    if not family:
-        known = sorted({values["model_type"] for values in ARCHITECTURES.values()})
-        raise CheckpointError(f"Language model type '{model_type}' is not supported; supported: {', '.join(known)}.")
-    overrides = {key: value for key, value in text.items() if key not in NOT_ARCHITECTURE and key != "model_type"}
-    # The preset only fills values the checkpoint omits; a same-sized one makes the record read e.g. qwen2-0.5b.
-    same_size = [name for name, values in family.items() if all(values[k] == overrides.get(k) for k in SIZE_KEYS)]
-    arch = same_size[0] if same_size else min(family, key=lambda name: family[name]["hidden_size"])
-    return {"name": "hf-causal-lm", "arch": arch, "overrides": overrides}
-
-
-# ------------------------------------------------------------------------------------------ key maps
-
-
-def _renamed(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
-    for old, new in prefixes:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key  # not part of a FastVLM: the strict load reports it as unexpected
-
-
-def _complete_tied_head(vlm, tensors: dict[str, torch.Tensor]) -> str:
-    """Give a tied LM head its tensor; return a hint for the error message when tying looks like the problem."""
-    lm = getattr(vlm.decoder, "lm", None)
-    if lm is None:
-        raise CheckpointError(
-            f"This checkpoint holds a FastVLM (transformers LLM), but the config builds decoder '{vlm.decoder.name}'. "
-            f"Keep decoder=hf-causal-lm to load these weights."
-        )
-    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
-    head, embeddings = tensors.get(LM_HEAD), tensors.get(EMBEDDINGS)
-    if embeddings is None:
-        return ""
-    if tied and head is None:
-        tensors[LM_HEAD] = embeddings  # a tied checkpoint stores the matrix once, under the embeddings' name
-    elif tied and head.shape == embeddings.shape and not torch.equal(head, embeddings):
-        raise CheckpointError(
-            "The checkpoint's lm_head.weight differs from its embed_tokens.weight, but the config ties them (one "
-            "would silently overwrite the other). Set decoder.overrides.tie_word_embeddings=false."
-        )
-    elif not tied and head is None:
-        return (
-            "The checkpoint stores no lm_head.weight: if its LM head is tied to the embeddings, set "
-            "decoder.overrides.tie_word_embeddings=true."
-        )
-    return ""
+    """hf-causal-lm built from the checkpoint's text config as it is (`arch: auto` picks the matching preset)."""
+    return {"name": "hf-causal-lm", "arch": "auto", "overrides": text}
 
 
 @hookimpl

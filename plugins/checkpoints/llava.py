@@ -3,7 +3,8 @@
 Everything is built from the checkpoint's own config.json, tower included: the CLIP or SigLIP vision config becomes
 a timm ViT of those sizes (`model_kwargs`), `vision_feature_layer` / `vision_feature_select_strategy` become the
 encoder's feature block and CLS handling, `image_grid_pinpoints` and `vision_aspect_ratio` the AnyRes tiling and
-the `llava-anyres` connector, and `text_config` the hf-causal-lm decoder. Loading is strict.
+the `llava-anyres` connector, and `text_config` the hf-causal-lm decoder (`arch: auto`). Loading is strict. Sources:
+transformers `models/llava` and `models/llava_onevision` (configs, modeling, conversion scripts).
 
 Key layouts read: the names transformers saves, the 4.x hub checkpoints' and the in-memory module names:
     vision_tower.* / vision_tower.vision_model.* / model.vision_tower.*   HF CLIP/SigLIP vision model -> timm ViT
@@ -20,10 +21,7 @@ from typing import Any
 
 import torch
 
-from ablate.components import CheckpointFormat
-from ablate.errors import CheckpointError
-from ablate.hookspecs import hookimpl
-from ablate_plugins.checkpoints.fastvlm import _complete_tied_head, _decoder_node
+from ablate.api import CheckpointError, CheckpointFormat, hookimpl, renamed_keys
 
 # HF vision model type -> (ablate encoder, the LayerNorm eps of the timm model it builds)
 TOWERS = {"clip_vision_model": ("clip-vit-l14-336", 1e-5), "siglip_vision_model": ("siglip-so400m", 1e-6)}
@@ -45,6 +43,11 @@ KEYS = (  # checkpoint prefix -> VLM module path; first match wins
     ("lm_head.", "decoder.lm.lm_head."),
     ("model.image_newline", "connector.image_newline"),
     ("image_newline", "connector.image_newline"),
+)
+# Added to a mismatch error: a checkpoint's LM head tied or not is the usual difference from the config.
+TIED_HINT = (
+    "If the difference is the LM head: decoder.overrides.tie_word_embeddings=true ties it to the input embeddings "
+    "(a checkpoint that stores it once), decoder.overrides.tie_word_embeddings=false unties it."
 )
 # HF ViT names (inside one encoder layer, or the model) -> timm VisionTransformer names
 LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.*)")
@@ -81,16 +84,16 @@ class TransformersLlava(CheckpointFormat):
         }
 
     def to_vlm_keys(self, tensors, vlm):
-        vision = {}
-        mapped = {}
+        vision, rest = {}, {}
         for key, value in tensors.items():
             prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
             if prefix is not None:
                 vision[key[len(prefix) :]] = value
             else:
-                mapped[_renamed(key)] = value
+                rest[key] = value
+        mapped = renamed_keys(rest, KEYS)
         mapped.update({self.module + key: value for key, value in timm_vit_state_dict(vision).items()})
-        return mapped, _complete_tied_head(vlm, mapped)
+        return mapped, TIED_HINT
 
 
 class TransformersLlavaOneVision(TransformersLlava):
@@ -191,17 +194,10 @@ def _decoder(hf_config: dict[str, Any], directory) -> dict[str, Any]:
         raise CheckpointError(f"{directory}/config.json has no text_config object: the LLM cannot be built from it.")
     text = dict(text)
     text["tie_word_embeddings"] = bool(hf_config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
-    return _decoder_node(text)
+    return {"name": "hf-causal-lm", "arch": "auto", "overrides": text}  # the preset of its family and size
 
 
 # ------------------------------------------------------------------------------------------- keys
-
-
-def _renamed(key: str) -> str:
-    for old, new in KEYS:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key  # the strict load reports it as unexpected
 
 
 def timm_vit_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

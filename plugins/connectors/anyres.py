@@ -20,11 +20,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.components import ConnectorConfig, Crop, StageContext, TokenLayout
-from ablate.errors import ConfigError
-from ablate.hookspecs import hookimpl
-from ablate_plugins.connectors.mlp import Mlp2xGelu
-from ablate_plugins.encoders.anyres import downsampled_grid, unpad_slices, unpadded_grid
+from ablate.api import ConfigError, Connector, ConnectorConfig, Crop, StageContext, TokenLayout, hookimpl
+
+# ------------------------------------------------------------------------------------------- arithmetic
+
+
+def unpadded_grid(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
+    """The (rows, cols) of a padded (rows, cols) feature map that hold the (width, height) image, padding cut."""
+    rows, cols = grid
+    width, height = image_size
+    if width / height > cols / rows:  # wider than the map: padding above and below
+        padding = (rows - int(round(height * (cols / width), 7))) // 2
+        return rows - 2 * padding, cols
+    padding = (cols - int(round(width * (rows / height), 7))) // 2
+    return rows, cols - 2 * padding
+
+
+def unpad_slices(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[slice, slice]:
+    """Row and column slices of the padded map that `unpadded_grid` keeps (the padding is split evenly)."""
+    rows, cols = grid
+    kept_rows, kept_cols = unpadded_grid(grid, image_size)
+    top, left = (rows - kept_rows) // 2, (cols - kept_cols) // 2
+    return slice(top, top + kept_rows), slice(left, left + kept_cols)
+
+
+def downsampled_grid(grid: tuple[int, int], tile_grid: tuple[int, int], max_tiles: int | None) -> tuple[int, int]:
+    """LLaVA-OneVision's `anyres_max_N`: a map of more than about N tiles' tokens shrinks by their square-root ratio."""
+    rows, cols = grid
+    if max_tiles is None:
+        return grid
+    ratio = math.sqrt(rows * cols / (max_tiles * tile_grid[0] * tile_grid[1]))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return grid
+
+
+# ------------------------------------------------------------------------------------------- connector
 
 
 @dataclass
@@ -34,7 +65,7 @@ class AnyResMergeConfig(ConnectorConfig):
     newline: bool = True  # an image-newline token after every row of the tiled map
 
 
-class AnyResMerge(Mlp2xGelu):
+class AnyResMerge(Connector):
     """mlp2x_gelu, then LLaVA-OneVision's unpad, anyres_max_9 shrink and per-row newline tokens on tiled crops."""
 
     name = "llava-anyres"
@@ -42,6 +73,8 @@ class AnyResMerge(Mlp2xGelu):
 
     def __init__(self, config: AnyResMergeConfig, in_width: int, out_width: int):
         super().__init__(config, in_width, out_width)
+        # LLaVA's mlp2x_gelu projector; indices 0 and 2 match its checkpoints' keys (`mm_projector.{0,2}`).
+        self.layers = nn.Sequential(nn.Linear(in_width, out_width), nn.GELU(), nn.Linear(out_width, out_width))
         if config.max_tiles is not None and config.max_tiles < 1:
             raise ConfigError(f"connector.max_tiles={config.max_tiles} must be at least 1, or null for no shrinking.")
         # Key name and initialization as transformers' LlavaOnevisionModel.image_newline.

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.components import Connector, ConnectorConfig, StageContext, TokenLayout
-from ablate.errors import IncompatibleComponentsError
-from ablate.hookspecs import hookimpl
+from ablate.api import Connector, ConnectorConfig, IncompatibleComponentsError, StageContext, TokenLayout, hookimpl
 
 
 def _grid(connector: Connector, layout: TokenLayout) -> tuple[int, int]:

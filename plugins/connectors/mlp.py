@@ -6,8 +6,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from ablate.components import Connector, StageContext
-from ablate.hookspecs import hookimpl
+from ablate.api import Connector, StageContext, hookimpl
 
 
 class Linear(Connector):

@@ -2,6 +2,8 @@
 
 The presets hold the published config values of each LLM; `decoder.overrides` changes any of them
 (e.g. `decoder.overrides.num_hidden_layers=4`), and `decoder.weights` loads a local HF model directory.
+`decoder.arch=auto` takes a whole transformers text config as `decoder.overrides` (what a checkpoint's config.json
+holds, `model_type` included) and names the preset of that family and size for the record.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -20,10 +22,20 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, D
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ablate.components import Decoder, DecoderConfig, DecoderOutput, DecoderPruning
-from ablate.errors import CheckpointError, ConfigError, did_you_mean
-from ablate.hookspecs import hookimpl
-from ablate.weights import load_state_dict_strict, read_tensors
+from ablate.api import (
+    CheckpointError,
+    ConfigError,
+    Decoder,
+    DecoderConfig,
+    DecoderOutput,
+    DecoderPruning,
+    did_you_mean,
+    hookimpl,
+    load_state_dict_strict,
+    positions_of,
+    read_tensors,
+    take_tokens,
+)
 
 _QWEN2 = dict(
     model_type="qwen2",
@@ -129,11 +141,38 @@ SIZES = (
 )
 # Accepted although a default transformers config does not list them: its constructor folds them into others.
 FOLDED_KEYS = {"rope_theta", "rope_scaling"}
+AUTO = "auto"  # decoder.arch: the preset of the overrides' model_type and sizes (a checkpoint's own text config)
+# transformers config entries that are bookkeeping or generation settings, not architecture: `arch: auto` drops them.
+NOT_ARCHITECTURE = {
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "_name_or_path",
+    "use_cache",
+    "auto_map",
+    "id2label",
+    "label2id",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "tokenizer_class",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+}
+# Config values that pick a same-sized preset for the record (`decoder.arch: qwen2-0.5b`). Not the vocabulary:
+# converted checkpoints pad it (an added image token).
+SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
 @dataclass
 class HFCausalLMConfig(DecoderConfig):
-    arch: str = "qwen2-tiny"  # one of ARCHITECTURES (ignored when `weights` names a model directory)
+    arch: str = "qwen2-tiny"  # one of ARCHITECTURES, or auto (see the module docstring); ignored with `weights`
     overrides: dict[str, Any] = field(default_factory=dict)  # transformers config attributes, checked by name
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
@@ -216,6 +255,25 @@ class HFCausalLM(Decoder):
     name = "hf-causal-lm"
     Config = HFCausalLMConfig
 
+    @classmethod
+    def resolve_config(cls, config: HFCausalLMConfig) -> HFCausalLMConfig:
+        """`arch: auto`: the architecture values of a whole text config as overrides, and the preset they match."""
+        if config.arch != AUTO:
+            return config
+        overrides = {key: value for key, value in config.overrides.items() if key not in NOT_ARCHITECTURE}
+        model_type = overrides.pop("model_type", None)
+        family = {name: values for name, values in ARCHITECTURES.items() if values["model_type"] == model_type}
+        if not family:
+            known = sorted({values["model_type"] for values in ARCHITECTURES.values()})
+            raise ConfigError(
+                f"decoder.arch=auto needs decoder.overrides.model_type of a supported language model, not "
+                f"{model_type!r}; supported: {', '.join(known)}."
+            )
+        # The preset only fills values the overrides omit; a same-sized one makes the record read e.g. qwen2-0.5b.
+        same_size = [name for name, values in family.items() if all(values[k] == overrides.get(k) for k in SIZE_KEYS)]
+        arch = same_size[0] if same_size else min(family, key=lambda name: family[name]["hidden_size"])
+        return replace(config, arch=arch, overrides=overrides)
+
     def __init__(self, config: HFCausalLMConfig):
         super().__init__(config)
         if config.weights:  # a local transformers model directory: its own architecture (weights load after build)
@@ -239,13 +297,9 @@ class HFCausalLM(Decoder):
         return self.lm.config.model_type in PRUNABLE_MODEL_TYPES and set(layer_types) == {"full_attention"}
 
     def load_weights(self, path: str) -> None:
-        """A transformers model directory (or weights file) with `model.*` and `lm_head.*` keys, loaded strictly."""
-        tensors = read_tensors(path)
-        head, embeddings = "lm_head.weight", "model.embed_tokens.weight"
-        tied = self.lm.get_output_embeddings().weight is self.lm.get_input_embeddings().weight
-        if tied and head not in tensors and embeddings in tensors:
-            tensors[head] = tensors[embeddings]  # a tied checkpoint stores the matrix once
-        load_state_dict_strict(self.lm, tensors, f"decoder '{self.name}' (decoder.weights={path})")
+        """A transformers model directory (or weights file) with `model.*` and `lm_head.*` keys, loaded strictly (a
+        tied LM head may be stored once, under the embeddings' key)."""
+        load_state_dict_strict(self.lm, read_tensors(path), f"decoder '{self.name}' (decoder.weights={path})")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids)
@@ -314,9 +368,8 @@ class HFCausalLM(Decoder):
         keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
         keep.scatter_(1, visual_positions, False).scatter_(1, visual_positions.gather(1, chosen), True)
         count = length - visual_positions.shape[1] + chosen.shape[1]
-        # The kept positions of each row, ascending: a stable sort puts them first (no data-dependent shapes: meta ok).
-        kept = positions.gather(1, torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :count])
-        return hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1])), kept
+        kept = positions.gather(1, positions_of(keep, count))  # each row's kept positions, ascending
+        return take_tokens(hidden, kept), kept
 
 
 # ------------------------------------------------------------------------------ the last position's attention

@@ -7,8 +7,8 @@ the whole image squashed to one tile goes first (the base image). The tile encod
     pixel_values (B, 1 + rows*cols, 3, S, S) -> tokens (B, (1 + rows*cols) * n, C), one Crop per view in the layout
 
 Unpadding the tiled map, LLaVA-OneVision's downsampling to about 9 tiles' worth of tokens and the per-row
-image-newline tokens happen after the projector, in the `llava-anyres` connector, which reads this layout.
-`tiling`, `unpadded_grid` and `select_best_resolution` are the algorithm's arithmetic, shared by both.
+image-newline tokens happen after the projector, in the `llava-anyres` connector, which reads this layout (the
+crops' tile positions and the raw image size) and nothing else of this module.
 
 Source: LLaVA-VL/LLaVA-NeXT llava_arch.py and mm_utils.py; transformers' llava_onevision image processor and model.
 """
@@ -20,14 +20,21 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
-from ablate.components import Crop, EncoderConfig, Preprocessing, StageContext, TokenLayout, VisionEncoder
-from ablate.errors import ConfigError, ImageSizeError, did_you_mean
-from ablate.hookspecs import hookimpl
-from ablate.preprocess import preprocess
+from ablate.api import (
+    ConfigError,
+    Crop,
+    EncoderConfig,
+    ImageSizeError,
+    Preprocessing,
+    StageContext,
+    TokenLayout,
+    VisionEncoder,
+    component_config,
+    hookimpl,
+    preprocess,
+)
 
 # ------------------------------------------------------------------------------------------- arithmetic
 
@@ -57,36 +64,6 @@ def fitted_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, in
     return target_h, min(math.ceil(width * target_h / height), target_w)
 
 
-def unpadded_grid(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
-    """The (rows, cols) of a padded (rows, cols) feature map that hold the (width, height) image, padding cut."""
-    rows, cols = grid
-    width, height = image_size
-    if width / height > cols / rows:  # wider than the map: padding above and below
-        padding = (rows - int(round(height * (cols / width), 7))) // 2
-        return rows - 2 * padding, cols
-    padding = (cols - int(round(width * (rows / height), 7))) // 2
-    return rows, cols - 2 * padding
-
-
-def unpad_slices(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[slice, slice]:
-    """Row and column slices of the padded map that `unpadded_grid` keeps (the padding is split evenly)."""
-    rows, cols = grid
-    kept_rows, kept_cols = unpadded_grid(grid, image_size)
-    top, left = (rows - kept_rows) // 2, (cols - kept_cols) // 2
-    return slice(top, top + kept_rows), slice(left, left + kept_cols)
-
-
-def downsampled_grid(grid: tuple[int, int], tile_grid: tuple[int, int], max_tiles: int | None) -> tuple[int, int]:
-    """LLaVA-OneVision's `anyres_max_N`: a map of more than about N tiles' tokens shrinks by their square-root ratio."""
-    rows, cols = grid
-    if max_tiles is None:
-        return grid
-    ratio = math.sqrt(rows * cols / (max_tiles * tile_grid[0] * tile_grid[1]))
-    if ratio > 1.1:
-        return int(rows // ratio), int(cols // ratio)
-    return grid
-
-
 # ----------------------------------------------------------------------------------------------- encoder
 
 
@@ -108,8 +85,7 @@ class AnyRes(VisionEncoder):
 
     @classmethod
     def resolve_config(cls, config: AnyResConfig) -> AnyResConfig:
-        tile_class, tile_config = _tile_config(config.tile)
-        tile_config = tile_class.resolve_config(tile_config)
+        _, tile_config = _tile_config(config.tile)  # typed and resolved, as a top-level component is
         if config.max_grid < 1:
             raise ConfigError(f"encoder.max_grid={config.max_grid} must be at least 1 (LLaVA-OneVision: 6).")
         for pinpoint in config.grid_pinpoints or []:
@@ -208,27 +184,9 @@ class AnyRes(VisionEncoder):
 
 def _tile_config(node) -> tuple[type, EncoderConfig]:
     """The tile encoder's class and typed config from its node, checked as strictly as a top-level component."""
-    from ablate.registry import get_registry  # the registry names the tile encoder, as the config names any component
-
-    if not isinstance(node, dict) or not isinstance(node.get("name"), str):
-        raise ConfigError(
-            f"encoder.tile must be a component node with a name, e.g. {{name: siglip-so400m}}, not {node!r}."
-        )
-    tile_class = get_registry().get("encoder", node["name"], key="encoder.tile.name")
-    if tile_class is AnyRes:
+    if isinstance(node, dict) and node.get("name") == AnyRes.name:
         raise ConfigError("encoder.tile cannot be anyres itself: name the encoder that reads one tile.")
-    schema = OmegaConf.structured(tile_class.Config)
-    options = [key for key in schema if key != "name"]
-    for key in node:
-        if key not in schema:
-            raise ConfigError(
-                f"Unknown config key 'encoder.tile.{key}' for encoder '{node['name']}'.{did_you_mean(str(key), options)} "
-                f"Its options: {', '.join(options)}."
-            )
-    try:
-        return tile_class, OmegaConf.to_object(OmegaConf.merge(schema, node))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"Bad value in encoder.tile ({node['name']}): {str(exc).splitlines()[0]}") from None
+    return component_config("encoder", node, "encoder.tile")
 
 
 @hookimpl

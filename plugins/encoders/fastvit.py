@@ -7,7 +7,9 @@ which the released code never shipped. `inference_mode` picks the reparameterize
 multi-branch train form; `reparameterize()` turns the second into the first.
 
 timm builds every block; this module only configures it, runs its stem/stages/final conv, and adds the fusion
-poolings. Facts and key maps: shared/spec/fastvlm.md (sections 1 and 3.6).
+poolings. Sources: the FastVLM paper (Vasu et al., CVPR 2025) section 3 and figure 2; apple/ml-fastvlm
+`llava/model/multimodal_encoder/mobileclip/mci.py` (the official layout and key names); timm `fastvit.py`
+(`fastvit_mci3` is FastViTHD) and its `checkpoint_filter_fn`.
 """
 
 from __future__ import annotations
@@ -24,25 +26,26 @@ from timm.models.fastvit import FastVit, RepConditionalPosEnc
 from timm.utils.model import reparameterize_model
 from torch import nn
 
-from ablate.components import (
+from ablate.api import (
     ATTENTION,
     Attention,
+    CheckpointError,
+    ConfigError,
     EncoderConfig,
     Preprocessing,
     StageContext,
     TokenLayout,
     VisionEncoder,
     check_multiple,
+    hookimpl,
+    load_state_dict_strict,
+    read_tensors,
 )
-from ablate.errors import CheckpointError, ConfigError
-from ablate.hookspecs import hookimpl
-from ablate.weights import load_state_dict_strict, read_tensors
 
 # Config strings -> timm layer factories (as timm's fastvit_mci* factories pass them).
 POSITIONAL_ENCODINGS = {"rcpe7": partial(RepConditionalPosEnc, spatial_shape=(7, 7))}
 NORMS = {"layernorm2d": partial(LayerNorm2d, eps=1e-5), "batchnorm": nn.BatchNorm2d}
 TOKEN_MIXERS = ("repmixer", "attention")
-FUSIONS = ("dwconv", "avgpool")
 ATTENTION_HEAD_DIM = 32  # timm's FastViT Attention: heads = width // 32
 STEM_STRIDE = 4  # the stem's two stride-2 MobileOne blocks
 DOWNSAMPLE_STRIDE = 2  # each PatchEmbed
@@ -113,8 +116,6 @@ def validate(config: FastViTConfig) -> None:
                 f"encoder.downsamples[{i}] is false but stage {i} changes width ({config.embed_dims[i - 1]} -> "
                 f"{width}); only a downsampling stage can change width: set it true or keep the width."
             )
-    _one_of("encoder.norm", config.norm, NORMS)
-    _one_of("encoder.fusion", config.fusion, FUSIONS)
     if config.final_conv:
         last = config.embed_dims[-1]
         width = config.cls_ratio * last if math.isfinite(config.cls_ratio) else 0
@@ -267,6 +268,13 @@ class FastViT(VisionEncoder):
         reparameterize_model(self.model, inplace=True)
         self.config.inference_mode = True
 
+    def convert_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This encoder's own state dict as it is; timm FastViT names or the official ml-fastvlm / MobileCLIP names
+        (as a FastVLM checkpoint stores its tower; any `head.*` dropped) under this encoder's keys."""
+        if any(key.startswith("model.") for key in tensors):
+            return tensors
+        return {f"model.{key}": value for key, value in convert_mci_state_dict(tensors).items()}
+
     def load_weights(self, path: str) -> None:
         """Encoder weights from a local file: this encoder's own state_dict, timm FastViT keys, or the official
         ml-fastvlm / MobileCLIP names (any `head.*` is dropped). Loaded strictly."""
@@ -326,7 +334,7 @@ def convert_mci_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     Keys must be relative to the encoder (strip `model.vision_tower.vision_tower.model.` or similar first). Keys
     already in timm names pass through (minus `head.*`). Both forms map: train (multi-branch) and fused, including
     the 12 fused keys timm's own filter leaves behind in FastVLM checkpoints (`lkb_reparam`, and RepCPE's
-    `network.{6,9}.reparam_conv` -> `stages.{3,4}.pos_emb.reparam_conv`). Spec: fastvlm.md section 3.6.
+    `network.{6,9}.reparam_conv` -> `stages.{3,4}.pos_emb.reparam_conv`).
     """
     official = any(key.startswith(("network.", "patch_embed.")) for key in state_dict)
     places = _network_places(state_dict) if official else {}

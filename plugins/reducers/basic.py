@@ -6,9 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ablate.components import ReducerConfig, StageContext, TokenLayout, TokenReducer
-from ablate.errors import ConfigError
-from ablate.hookspecs import hookimpl
+from ablate.api import ReducerConfig, StageContext, TokenLayout, TokenReducer, hookimpl
 
 
 class NoReducer(TokenReducer):
@@ -32,19 +30,6 @@ class RandomKeep(TokenReducer):
 
     name = "random"
     Config = RandomConfig
-
-    def __init__(self, config: RandomConfig):
-        super().__init__(config)
-        if config.tokens < 1:
-            raise ConfigError(f"reducer.tokens={config.tokens} must be at least 1.")
-
-    def check_pipeline(self, encoder, connector, decoder) -> None:
-        count = self.input_layout(encoder, connector).num_tokens
-        if self.config.tokens > count:
-            raise ConfigError(
-                f"reducer.tokens={self.config.tokens} is more than the {count} tokens reducer '{self.name}' receives "
-                f"from encoder '{encoder.name}': use 1..{count}."
-            )
 
     def output_layout(self, layout):
         return TokenLayout.unstructured(self.config.tokens, layout.image_size)

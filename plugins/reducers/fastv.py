@@ -1,6 +1,6 @@
 """FastV (Chen et al., 2024): drop visual tokens inside the LLM, after layer K, by the attention they receive.
 
-As released (pkunlp-icler/FastV, `modeling_llama.py` `fastv_forward`; shared/spec/baselines-and-reducers.md 3.4):
+As released (pkunlp-icler/FastV, `src/transformers/models/llama/modeling_llama.py`; Chen et al., 2024, section 4):
 layers 0..K-1 run over every token; the attention map of layer K-1, averaged over heads, is read at the last
 token's row over the visual positions; the top round(N * (1 - R)) visual tokens stay (here `keep_ratio` = 1 - R,
 or a fixed number `tokens`), with all text tokens, and keep their original position ids. Only the prefill prunes.
@@ -18,9 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ablate.components import DECODER_PRUNING, DecoderPruning, ReducerConfig, StageContext, TokenReducer
-from ablate.errors import ConfigError
-from ablate.hookspecs import hookimpl
+from ablate.api import DECODER_PRUNING, ConfigError, DecoderPruning, ReducerConfig, StageContext, TokenReducer, hookimpl
 
 
 @dataclass
@@ -45,8 +43,6 @@ class FastV(TokenReducer):
             )
         if not (math.isfinite(config.keep_ratio) and 0 < config.keep_ratio <= 1):
             raise ConfigError(f"reducer.keep_ratio={config.keep_ratio} must be in (0, 1].")
-        if config.tokens is not None and config.tokens < 1:
-            raise ConfigError(f"reducer.tokens={config.tokens} must be at least 1.")
 
     def kept(self, count: int) -> int:
         """Visual tokens kept from layer K on, out of `count`."""
@@ -61,12 +57,7 @@ class FastV(TokenReducer):
                 f"reducer.layer={self.config.layer} but decoder '{decoder.name}' has {layers} layers: prune after one "
                 f"of layers 1..{layers - 1}."
             )
-        count = self.input_layout(encoder, connector).num_tokens
-        if self.config.tokens is not None and self.config.tokens > count:
-            raise ConfigError(
-                f"reducer.tokens={self.config.tokens} is more than the {count} visual tokens the LLM receives: "
-                f"use 1..{count}."
-            )
+        super().check_pipeline(encoder, connector, decoder)
 
     def notes(self) -> list[str]:
         return [

@@ -16,9 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ablate.components import ReducerConfig, StageContext, TokenLayout, TokenReducer, square_grid
-from ablate.errors import ConfigError
-from ablate.hookspecs import hookimpl
+from ablate.api import ConfigError, ReducerConfig, StageContext, TokenLayout, TokenReducer, hookimpl, square_grid
 
 Kernel = tuple[int, int]
 
@@ -63,10 +61,8 @@ class AvgPool(TokenReducer):
             raise ConfigError(
                 f"reducer.tokens={config.tokens} and reducer.kernel={config.kernel} both set: give one of them."
             )
-        for key in ("tokens", "kernel"):
-            value = getattr(config, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"reducer.{key}={value} must be at least 1.")
+        if config.kernel is not None and config.kernel < 1:
+            raise ConfigError(f"reducer.kernel={config.kernel} must be at least 1.")
         if config.adaptive and config.tokens is None:
             raise ConfigError("reducer.adaptive=true needs reducer.tokens, the square count to pool to.")
         if config.adaptive and square_grid(config.tokens) is None:
@@ -100,7 +96,8 @@ class AvgPool(TokenReducer):
     def check_pipeline(self, encoder, connector, decoder) -> None:
         layout = self.input_layout(encoder, connector)
         if layout.grid is not None:
-            self.plan(layout.grid)
+            self.plan(layout.grid)  # first: its message lists the counts pooling can give
+        super().check_pipeline(encoder, connector, decoder)
 
     def output_layout(self, layout: TokenLayout) -> TokenLayout:
         return TokenLayout.grid_of(*self._reduce_grid(layout.grid), layout.image_size)

@@ -1,11 +1,11 @@
 """LLaVA-PruMerge and PruMerge+ (Shang et al., 2024): keep the tokens the CLS token attends to most, merge the rest
 in; PruMerge+ adds spatially spread tokens.
 
-Follows the released code (42Shawn/LLaVA-PruMerge, `clip_encoder.py`: `token_prune_merge_advanced` and
-`token_prune_merge_advanced_plus`; facts in shared/spec/baselines-and-reducers.md section 1):
+Follows the released code (42Shawn/LLaVA-PruMerge, `llava/model/multimodal_encoder/clip_encoder.py`:
+`token_prune_merge_advanced` and `token_prune_merge_advanced_plus`; the paper: Shang et al., 2024, section 3):
 
-1. Score: CLS->token attention from one layer's queries and keys, one head over all channels (`scores.py`, 'cls'
-   with heads='concat'; the timm encoder reads block feature_block + 1, which is LLaVA's block 23).
+1. Score: CLS->token attention from one layer's queries and keys, one head over all channels (`ablate.api`'s
+   `token_scores`, 'cls' with heads='concat'; the timm encoder reads block feature_block + 1, LLaVA's block 23).
 2. How many to keep (adaptive, the default): the IQR outlier fence Q3 + 1.5 IQR over the scores of the whole
    batch (numpy percentiles in the released code: one fence per batch, so a row's output depends on the others),
    k = floor(N * outliers / (B * N)), counted in integers. The released code divides in float64 first, which is
@@ -26,31 +26,39 @@ path's half-and-half split, without duplicates); rows are independent.
 
 Deviations, all where the released code would fail: at least one token is always kept (it keeps none, and
 PruMerge+ divides by zero, when no score clears the fence); the stride is at least 1; k_nn is capped at N - 1.
-Encoders without a CLS token take a substitute score (`reducer.score`, see `scores.py`); merges then use that
-layer's keys, or the tokens themselves when the score needs no attention.
+Encoders without a CLS token take a substitute score (`reducer.score`, see `ablate.api.reducers`); merges then use
+that layer's keys, or the tokens themselves when the score needs no attention.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ablate.components import ReducerConfig, StageContext, TokenLayout, TokenReducer
-from ablate.errors import ConfigError
-from ablate.hookspecs import hookimpl
-from ablate_plugins.reducers.scores import SCORE_NAMES, SCORES, check_score, merge_keys, token_scores
-
-Score = Literal["cls", "mean_query", "attention_received", "mean_similarity", "norm"]
+from ablate.api import (
+    SCORES,
+    ConfigError,
+    ReducerConfig,
+    Score,
+    StageContext,
+    TokenLayout,
+    TokenReducer,
+    check_score,
+    hookimpl,
+    merge_keys,
+    positions_of,
+    take_tokens,
+    token_scores,
+)
 
 
 @dataclass
 class PruMergeConfig(ReducerConfig):
     tokens: int | None = None  # fixed budget (summary token included); None: adaptive, by the IQR fence
-    score: Score = "cls"  # what ranks the tokens (scores.py); the released code uses the CLS attention
+    score: Score = "cls"  # what ranks the tokens (ablate.api.reducers); the released code uses the CLS attention
     k_nn: int = 32  # neighbours merged into each kept token (hard-coded to 32 in the released code)
     iqr_factor: float = 1.5  # upper fence = Q3 + iqr_factor * IQR
 
@@ -60,6 +68,8 @@ class PruMerge(TokenReducer):
 
     name = "prumerge"
     Config = PruMergeConfig
+    min_tokens = 2
+    min_tokens_reason = "one kept token plus its summary token"
 
     def __init__(self, config: PruMergeConfig):
         super().__init__(config)
@@ -69,12 +79,6 @@ class PruMerge(TokenReducer):
             )
         if not (math.isfinite(config.iqr_factor) and config.iqr_factor >= 0):
             raise ConfigError(f"reducer.iqr_factor={config.iqr_factor} must be a finite number >= 0 (1.5 as released).")
-        if config.tokens is not None and config.tokens < 2:
-            raise ConfigError(
-                f"reducer.tokens={config.tokens}: PruMerge keeps at least one token plus its summary token; use 2 or more."
-            )
-        if config.score not in SCORES:  # OmegaConf does not check Literal values in every path
-            raise ConfigError(f"reducer.score={config.score!r} is not a score: use one of {', '.join(SCORE_NAMES)}.")
 
     @property
     def requires(self) -> frozenset[str]:  # type: ignore[override]
@@ -82,12 +86,7 @@ class PruMerge(TokenReducer):
 
     def check_pipeline(self, encoder, connector, decoder) -> None:
         check_score(self.name, self.config.score, encoder)
-        count = self.input_layout(encoder, connector).num_tokens
-        if self.config.tokens is not None and self.config.tokens > count:
-            raise ConfigError(
-                f"reducer.tokens={self.config.tokens} is more than the {count} tokens reducer '{self.name}' receives "
-                f"from encoder '{encoder.name}': use 2..{count}."
-            )
+        super().check_pipeline(encoder, connector, decoder)
 
     def output_layout(self, layout):
         if self.config.tokens is None:
@@ -129,19 +128,12 @@ class PruMerge(TokenReducer):
 def merge(x: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, k_nn: int) -> torch.Tensor:
     """PruMerge's token supplement: each kept token plus the score-weighted sum of its k_nn most key-similar other
     tokens, then one summary token of the tokens not kept. keys: L2-normalised (B, N, D). -> (B, k + 1, C)."""
-
-    def rows(
-        values: torch.Tensor, index: torch.Tensor
-    ) -> torch.Tensor:  # values (B, N, C), index (B, ...) -> (B, ..., C)
-        flat = index.flatten(1)
-        return values.gather(1, flat[..., None].expand(-1, -1, values.shape[-1])).view(*index.shape, -1)
-
     n = x.shape[1]
-    similarity = rows(keys, kept) @ keys.transpose(1, 2)  # (B, k, N)
+    similarity = take_tokens(keys, kept) @ keys.transpose(1, 2)  # (B, k, N)
     similarity.scatter_(2, kept[..., None], float("-inf"))  # a token is not its own neighbour
     neighbours = similarity.topk(min(k_nn, n - 1), dim=2).indices  # (B, k, k_nn)
     weights = scores.gather(1, neighbours.flatten(1)).view_as(neighbours).to(x.dtype)[..., None]
-    merged = rows(x, kept) + (weights * rows(x, neighbours)).sum(dim=2)
+    merged = take_tokens(x, kept) + (weights * take_tokens(x, neighbours)).sum(dim=2)
     pruned = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept, False)
     summary = ((scores * pruned).to(x.dtype)[..., None] * x).sum(dim=1, keepdim=True)
     return torch.cat([merged, summary], dim=1)
@@ -175,8 +167,7 @@ def spread_budget(scores: torch.Tensor, keep: int) -> torch.Tensor:
     if rest == 0:
         return top
     remaining = torch.ones_like(scores, dtype=torch.bool).scatter_(1, top, False)
-    # Row-wise positions of the remaining tokens, ascending: sort puts them first (stable), then take evenly.
-    order = torch.sort((~remaining).to(torch.int8), dim=1, stable=True).indices[:, : n - top.shape[1]]
+    order = positions_of(remaining, n - top.shape[1])  # each row's remaining positions, ascending
     picks = (torch.arange(rest, device=scores.device) * (n - top.shape[1])) // rest
     return torch.cat([top, order[:, picks]], dim=1)
 

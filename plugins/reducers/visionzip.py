@@ -1,11 +1,11 @@
 """VisionZip (Yang et al., 2024): dominant tokens by attention, plus contextual tokens merged by key similarity.
 
-Follows the released code (dvlab-research/VisionZip `visionzip/clip_encoder.py`; shared/spec/baselines-and-reducers.md
-section 3.5), at a budget `tokens` = dominant + contextual:
+Follows the released code (dvlab-research/VisionZip `visionzip/clip_encoder.py`; the paper: Yang et al., 2024,
+section 3), at a budget `tokens` = dominant + contextual:
 
 1. Dominant: the CLS token itself and the `dominant - 1` visual tokens with the highest CLS attention, the softmax
    taken per head and summed over heads, in their original order (CLS first). Encoders without a CLS take a
-   substitute score (`reducer.score`, `scores.py`); then all `dominant` are visual tokens.
+   substitute score (`reducer.score`, `ablate.api.reducers`); then all `dominant` are visual tokens.
 2. Contextual: among the remaining tokens (original order), `contextual` targets at a uniform stride
    (step = max(1, remaining // contextual), the first `contextual` of 0, step, 2 step, ...). Every other remaining
    token joins the target whose key (that layer's keys averaged over heads, L2-normalised; the tokens themselves
@@ -21,24 +21,33 @@ contextual = round(tokens * 10 / 64). Rows are independent.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ablate.components import CLS, ReducerConfig, StageContext, TokenLayout, TokenReducer
-from ablate.errors import ConfigError
-from ablate.hookspecs import hookimpl
-from ablate_plugins.reducers.scores import SCORE_NAMES, SCORES, check_score, merge_keys, token_scores
-
-Score = Literal["cls", "mean_query", "attention_received", "mean_similarity", "norm"]
+from ablate.api import (
+    CLS,
+    SCORES,
+    ConfigError,
+    ReducerConfig,
+    Score,
+    StageContext,
+    TokenLayout,
+    TokenReducer,
+    check_score,
+    hookimpl,
+    merge_keys,
+    positions_of,
+    take_tokens,
+    token_scores,
+)
 
 
 @dataclass
 class VisionZipConfig(ReducerConfig):
     tokens: int = 64  # dominant + contextual tokens the LLM receives
     contextual: int | None = None  # None: round(tokens * 10 / 64), the README's 54 + 10 split
-    score: Score = "cls"  # what picks the dominant tokens (scores.py); released: CLS attention summed over heads
+    score: Score = "cls"  # what picks the dominant tokens (ablate.api.reducers); released: CLS attention over heads
 
 
 class VisionZip(TokenReducer):
@@ -49,8 +58,6 @@ class VisionZip(TokenReducer):
 
     def __init__(self, config: VisionZipConfig):
         super().__init__(config)
-        if config.score not in SCORES:
-            raise ConfigError(f"reducer.score={config.score!r} is not a score: use one of {', '.join(SCORE_NAMES)}.")
         if not 0 <= self.contextual < config.tokens:
             raise ConfigError(
                 f"reducer.contextual={config.contextual} must be between 0 and reducer.tokens - 1 = {config.tokens - 1} "
@@ -66,40 +73,36 @@ class VisionZip(TokenReducer):
     def requires(self) -> frozenset[str]:  # type: ignore[override]
         return SCORES[self.config.score]
 
+    def max_tokens(self, received: int) -> int:
+        return received + (CLS in self.requires)  # the CLS token itself is one of the dominant tokens
+
     def check_pipeline(self, encoder, connector, decoder) -> None:
         check_score(self.name, self.config.score, encoder)
-        count = self.input_layout(encoder, connector).num_tokens
-        uses_cls = CLS in self.requires
-        if self.config.tokens - uses_cls > count:
-            raise ConfigError(
-                f"reducer.tokens={self.config.tokens} is more than reducer '{self.name}' can make of the {count} tokens "
-                f"it receives from encoder '{encoder.name}': use at most {count + uses_cls}."
-            )
+        super().check_pipeline(encoder, connector, decoder)
 
     def output_layout(self, layout):
         return TokenLayout.unstructured(self.config.tokens, layout.image_size)
 
     def forward(self, ctx: StageContext) -> StageContext:
         x = ctx.tokens
-        batch, n, width = x.shape
+        batch, n, _ = x.shape
         scores = token_scores(ctx, self.config.score, heads="mean")
         uses_cls = self.config.score == "cls"
         dominant = self.config.tokens - self.contextual - uses_cls
         kept = scores.topk(dominant, dim=1).indices.sort(dim=1).values  # original order
         parts = [ctx.cls[:, None].to(x.dtype)] if uses_cls else []
-        parts.append(x.gather(1, kept[..., None].expand(-1, -1, width)))
+        parts.append(take_tokens(x, kept))
 
         if self.contextual:
             remaining = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, kept, False)
-            rest = torch.sort((~remaining).to(torch.int8), dim=1, stable=True).indices[:, : n - dominant]
+            rest = positions_of(remaining, n - dominant)
             left = rest.shape[1]
             step = max(1, left // self.contextual)
             target = torch.arange(0, left, step, device=x.device)[: self.contextual]
-            is_target = torch.zeros(left, dtype=torch.int8, device=x.device).index_fill_(0, target, 1)
-            others = torch.sort(is_target, stable=True).indices[: left - len(target)]  # static shapes: meta runs too
+            is_target = torch.zeros(left, dtype=torch.bool, device=x.device).index_fill_(0, target, True)
+            others = positions_of(~is_target, left - len(target))
             keys = F.normalize(merge_keys(ctx, heads="mean").float(), dim=-1)
-            rest_keys = keys.gather(1, rest[..., None].expand(-1, -1, keys.shape[-1]))
-            rest_x = x.gather(1, rest[..., None].expand(-1, -1, width))
+            rest_keys, rest_x = take_tokens(keys, rest), take_tokens(x, rest)
             similarity = rest_keys[:, others] @ rest_keys[:, target].transpose(1, 2)
             assign = F.one_hot(similarity.argmax(dim=2), len(target)).to(x.dtype)  # (B, others, contextual)
             counts = assign.sum(dim=1).clamp(min=1)[..., None]

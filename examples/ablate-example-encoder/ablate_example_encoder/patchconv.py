@@ -1,7 +1,7 @@
 """`example-patchconv`: a strided Conv2d patchifier and a few depthwise-conv blocks, one token per patch.
 
-A worked example of a third-party ablate encoder. It uses only ablate's public interfaces
-(`ablate.components`, `ablate.errors`, `ablate.hookimpl`), exactly as any plugin package would.
+A worked example of a third-party ablate encoder. It imports only ablate's public plugin API, `ablate.api`, exactly
+as any plugin package (built-in ones included) does.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-import ablate
-from ablate.components import (
+from ablate.api import (
     CLS,
+    ConfigError,
     EncoderConfig,
     Preprocessing,
     StageContext,
     TokenLayout,
     VisionEncoder,
     check_multiple,
+    hookimpl,
 )
-from ablate.errors import ConfigError
 
 
 @dataclass
@@ -88,6 +88,6 @@ class PatchConvEncoder(VisionEncoder):
         return replace(ctx, tokens=tokens, layout=layout, cls=cls_token)
 
 
-@ablate.hookimpl
+@hookimpl
 def register_encoders(register):
     register(PatchConvEncoder)

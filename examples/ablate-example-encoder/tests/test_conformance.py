@@ -1,6 +1,6 @@
 """ablate's encoder conformance suite on this plugin: shapes, token counts, size errors, dtypes, gradients..."""
 
-from ablate.testing import EncoderConformance
+from ablate.api.testing import EncoderConformance
 from ablate_example_encoder import PatchConvEncoder
 
 

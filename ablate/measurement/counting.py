@@ -1,0 +1,96 @@
+"""Counting without running: FLOPs per stage on the meta device, token counts, weight memory and whether it fits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ablate.api.components import KINDS, DecoderPruning, StageContext
+from ablate.api.errors import ResourceError
+from ablate.config.run_options import RunOptions
+from ablate.measurement.machine import available_memory
+from ablate.model.vlm import STAGES
+
+VISION_STAGES = STAGES[:-1]  # encoder, reducer, connector: the stages before the LLM
+
+
+def meta_context(vlm, batch_size: int, prompt_tokens: int) -> StageContext:
+    pixels = torch.empty(vlm.encoder.input_shape(batch_size), device="meta")
+    ids = torch.zeros(batch_size, prompt_tokens + 1, dtype=torch.long, device="meta")
+    return vlm.start(pixels, ids)
+
+
+def count_vision(
+    vlm, ctx: StageContext, stop_at_unknown: bool = True
+) -> tuple[dict[str, int | None], dict[str, int | None], StageContext]:
+    """FLOPs and output token count of each vision stage, run on `ctx` (meta or real tensors), and the last output.
+
+    Meta tensors count every matmul, attention included (on real CPU tensors FlopCounterMode misses the fused
+    attention kernel). A stage whose output size depends on the data (an adaptive reducer, which declares its
+    output layout as None) cannot run on meta: with `stop_at_unknown`, it and the stages after it are left as None.
+    """
+    flops: dict[str, int | None] = dict.fromkeys(VISION_STAGES)
+    tokens: dict[str, int | None] = dict.fromkeys(VISION_STAGES)
+    declared = vlm.declared_layouts()
+    with torch.no_grad():
+        for name, stage in vlm.vision_stages():
+            if stop_at_unknown and declared[name] is None:
+                break
+            with FlopCounterMode(display=False) as counter:
+                ctx = stage(ctx)
+            flops[name], tokens[name] = counter.get_total_flops(), ctx.num_tokens
+    return flops, tokens, ctx
+
+
+def count_prefill_flops(
+    vlm, batch_size: int, tokens: int, pruning: DecoderPruning | None = None, visual: int = 0
+) -> int:
+    """FLOPs of the LLM prefill over `tokens` positions, on the meta device; with `pruning` (an in-LLM reducer's
+    order), the pruned prefill, its `visual` visual tokens first (LLaVA's prompt order)."""
+    embeds = torch.empty(batch_size, tokens, vlm.decoder.hidden_size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if pruning is None:
+            vlm.decoder(embeds)
+        else:
+            positions = torch.arange(visual, device="meta").expand(batch_size, -1)
+            vlm.decoder.prefill_pruned(embeds, positions, pruning)
+    return counter.get_total_flops()
+
+
+def with_total(flops: dict[str, int | None]) -> dict[str, int | None]:
+    stages = {key: flops.get(key) for key in STAGES}
+    total = sum(stages.values()) if all(v is not None for v in stages.values()) else None
+    return {**stages, "total": total}
+
+
+def param_bytes(vlm, options: RunOptions) -> int:
+    """Bytes of the weights in the dtypes they will be built in."""
+    total = 0
+    for kind in KINDS:
+        element = torch.empty((), dtype=options.dtype_of(kind)).element_size()
+        total += sum(p.numel() for p in getattr(vlm, kind).parameters()) * element
+    return total
+
+
+def check_fits(vlm, options: RunOptions) -> None:
+    """Refuse a run whose weights alone (plus a working margin) would not fit, before allocating them."""
+    device = torch.device(options.device)
+    needed = int(param_bytes(vlm, options) * 1.2)
+    available = available_memory(device)
+    if available is not None and needed > available:
+        smaller = " or --dtype bfloat16 (half the memory)" if options.dtype == "float32" else ""
+        raise ResourceError(
+            f"This configuration needs about {needed / 2**30:.1f} GiB for its weights in {options.dtype} on "
+            f"{device}, but only {available / 2**30:.1f} GiB is available. Use --count-only to get tokens, "
+            f"parameters and FLOPs without allocating weights{smaller}, or pick a smaller model."
+        )
+
+
+def token_summary(vlm, tokens: dict[str, Any], prompt_tokens: int) -> dict[str, int | None]:
+    """Tokens at every stage for one image: out of each vision stage, and what the LLM reads in all (None: unknown)."""
+    last = vlm.vision_stages()[-1][0]
+    visual = tokens.get(last)
+    summary = {name: tokens.get(name) for name in VISION_STAGES}
+    return {**summary, "llm_input": None if visual is None else visual + prompt_tokens}

@@ -1,0 +1,444 @@
+"""The result record, defined once: one typed object per run, the same from `ablate.measure`, `ablate run --json`,
+a grid cell or a results-store row. Every field is always present (None when unknown), failed runs included.
+
+Everything else derives from the dataclasses below, so nothing can drift: the JSON (`Record.to_dict`, schema
+SCHEMA_VERSION), the README's field reference (`reference_markdown`, checked by a test), the W&B metric names
+(`metrics`: every numeric field, its path joined with '/') and the results store's indexed columns (`columns`).
+Each field's meaning is stated once, in its `doc`.
+
+Schema 3 (from 2): `latency_ms.stage_sum` is now the sum of the four stage medians, as it was always described;
+schema 2 stored the median of the per-repeat sums. Its spread (`latency_spread_ms.stage_sum`) is still the IQR of
+the per-repeat sums. Every other key is unchanged. `migrate` turns a schema-2 record into a schema-3 one (the store
+and `Record.from_dict` apply it to what they read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ablate.model.vlm import STAGES
+
+SCHEMA_VERSION = 3
+
+
+def doc(
+    text: str, default: Any = None, *, factory: Any = None, metrics: bool = True, columns=None, same_as: str = ""
+) -> Any:
+    """A record field: its meaning, its default, whether its numbers are W&B metrics, the store columns taken from
+    it ({column: path below this field, '' for the field itself}), and `same_as` another field with the same keys
+    (the reference lists those once)."""
+    metadata = {"doc": text, "metrics": metrics, "columns": columns or {}, "same_as": same_as}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+@dataclass
+class Tokens:
+    """Tokens out of each stage, for one image."""
+
+    encoder: int | None = doc("out of the encoder")
+    reducer: int | None = doc("out of the reducer")
+    connector: int | None = doc("out of the connector")
+    llm_input: int | None = doc("what the LLM reads in all: the visual tokens and the prompt's")
+
+
+@dataclass
+class Params:
+    """Parameters per component."""
+
+    encoder: int | None = doc("the vision encoder's")
+    reducer: int | None = doc("the token reducer's (most have none)")
+    connector: int | None = doc("the connector's")
+    decoder: int | None = doc("the LLM's")
+    total: int | None = doc("the whole VLM's (tied tensors counted once)")
+
+
+@dataclass
+class Flops:
+    """FLOPs per stage for the batch, counted on the meta device (attention included)."""
+
+    encoder: int | None = doc("the encoder stage")
+    reducer: int | None = doc("the reducer stage")
+    connector: int | None = doc("the connector stage")
+    prefill: int | None = doc("the LLM prefill over the visual and prompt tokens (in-LLM pruning included)")
+    total: int | None = doc("the four stages (None if one is unknown)")
+
+
+@dataclass
+class Latency:
+    """Milliseconds per stage (`latency_ms`: medians over the timed repeats; `latency_spread_ms`: their
+    interquartile ranges)."""
+
+    preprocess: float | None = doc("decoding, resizing and normalizing the image (not part of TTFT)")
+    encoder: float | None = doc("the encoder stage")
+    reducer: float | None = doc("the reducer stage")
+    connector: float | None = doc("the connector stage")
+    prefill: float | None = doc("the LLM prefill up to the first token's logits, KV cache written")
+    stage_sum: float | None = doc("the sum of the four stage medians; it should agree with `ttft` within a few percent")
+    ttft: float | None = doc("time to first token, the four stages timed as one call in the same repeats")
+
+
+@dataclass
+class ImageInfo:
+    """The image the run measured."""
+
+    source: str | None = doc("'synthetic' (seeded noise of the encoder's input size) or the file's absolute path")
+    width: int | None = doc("pixels")
+    height: int | None = doc("pixels")
+    sha256: str | None = doc("of the file, for a real image")
+
+
+@dataclass
+class Environment:
+    """Where the run ran."""
+
+    device_name: str | None = doc("the GPU's name, or the CPU's model name")
+    ablate: str | None = doc("ablate's version")
+    plugins: dict[str, str | None] = doc("every loaded plugin's version", factory=dict)
+    libraries: dict[str, str | None] = doc("the installed version of every library ablate depends on", factory=dict)
+    python: str | None = doc("Python's version")
+    platform: str | None = doc("the operating system (platform.platform())")
+    cpu_count: int | None = doc("logical CPUs of the machine")
+
+
+@dataclass
+class Fidelity:
+    """With `run.fidelity`: the reduced model's first token against the same model without its reducer stage."""
+
+    top1_agreement: float | None = doc("share of rows whose most likely first token agrees")
+    kl: float | None = doc("mean KL(full || reduced) of the first-token distributions, in nats")
+    rows: int | None = doc("rows compared (the batch)")
+    reference: str | None = doc("what it was compared with")
+
+
+@dataclass
+class ModeChoice:
+    """How stages run: the execution mode, each component's dtype, the encoder's memory format."""
+
+    mode: str | None = doc("eager, compile, cudagraph, or mixed (some stages fell back)")
+    dtypes: dict[str, str] | None = doc("dtype per component")
+    memory_format: str | None = doc("contiguous or channels_last")
+
+
+@dataclass
+class CpuFeatures:
+    """The CPU's instruction set, as torch dispatches to it."""
+
+    isa: str | None = doc("torch's CPU capability (AVX2, AVX512, ...)")
+    bf16: bool | None = doc("whether it computes in bfloat16 natively (AVX512-BF16 or AMX)")
+    amx: bool | None = doc("whether it has AMX tiles")
+    mkldnn_bf16: bool | None = doc("whether oneDNN reports bfloat16 support")
+
+
+@dataclass
+class Execution:
+    """How the timed stages ran (`ablate.measurement.modes`)."""
+
+    requested: ModeChoice | None = doc("what the run options asked for")
+    used: ModeChoice = doc("what ran", factory=ModeChoice)
+    stages: dict[str, str] | None = doc("how each stage ran: eager, compile, cudagraph, or no-op (nothing to run)")
+    ttft: str | None = doc("how the one-call TTFT ran (one CUDA graph, or the stages in turn)")
+    fallbacks: list[str] = doc("one sentence per thing that could not run as asked, and what ran instead", factory=list)
+    timer: str | None = doc("perf_counter (CPU) or cuda-events")
+    setup_s: float | None = doc("seconds spent compiling or capturing before timing")
+    graph_breaks: dict[str, int] | None = doc("torch.compile graph breaks per stage")
+    deviation_from_eager: dict[str, float | None] | None = doc(
+        "per stage, max |output - eager output| / max |eager output|, accumulated along the path"
+    )
+    eager_ms: dict[str, float] | None = doc("GPU only: the eager median per stage and of TTFT, for launch-bound flags")
+    cpu: CpuFeatures | None = doc("on a CPU: its instruction set and bfloat16 support")
+
+
+@dataclass
+class Peak:
+    """The device's peak, against which floors are computed."""
+
+    name: str | None = doc("the device")
+    tflops: dict[str, float | None] | None = doc("dense TFLOP/s per dtype")
+    bandwidth_gbs: float | None = doc("memory bandwidth in GB/s")
+    source: str | None = doc("where the figures come from: the GPU table, a CPU estimate, or run.peak overrides")
+
+
+@dataclass
+class StageRoofline:
+    """One stage (or TTFT) against the device's peak."""
+
+    flops: int | None = doc("FLOPs of the stage")
+    bytes: int | None = doc("the least bytes any implementation must move: weights read, input and output")
+    bytes_unfused: int | None = doc("bytes every operator reads and writes when nothing is fused")
+    dtype: str | None = doc("the dtype whose peak applies")
+    peak_tflops: float | None = doc("that peak")
+    intensity: float | None = doc("FLOPs per byte (of `bytes`)")
+    floor_ms: float | None = doc("max(FLOPs / peak, bytes / bandwidth): no implementation is faster")
+    bound: str | None = doc("compute or memory: which term sets the floor")
+    measured_ms: float | None = doc("the stage's median latency")
+    measured_over_floor: float | None = doc("measured_ms / floor_ms")
+    eager_ms: float | None = doc("in cudagraph mode: the eager median of the same stage")
+    launch_bound: bool | None = doc("eager_ms is at least `launch_bound_ratio` times the graph's time")
+
+
+@dataclass
+class Roofline:
+    """Roofline figures per stage (`ablate.measurement.roofline`)."""
+
+    peak: Peak | None = doc("the device's peak")
+    launch_bound_ratio: float = doc("eager / graph time from which a stage is flagged launch-bound", 2.0)
+    stages: dict[str, StageRoofline | None] = doc(
+        "per stage (encoder, reducer, connector, prefill) and for ttft",
+        factory=lambda: dict.fromkeys((*STAGES, "ttft")),
+    )
+
+
+@dataclass
+class KernelRow:
+    """One kernel (GPU) or operator (CPU) among a stage's most expensive."""
+
+    name: str | None = doc("the kernel or operator")
+    self_ms: float | None = doc("its own time in the profiled pass")
+    calls: int | None = doc("how often it ran")
+    share: float | None = doc("its share of the stage's profiled time")
+
+
+@dataclass
+class Profile:
+    """With `run.profile`: the trace written and each stage's top kernels."""
+
+    trace: str | None = doc("the Chrome-trace JSON file (Perfetto opens it)")
+    top: dict[str, list[KernelRow]] = doc("per stage, the most expensive kernels", factory=dict)
+
+
+@dataclass
+class Accuracy:
+    """For a trained model scored by `ablate eval`."""
+
+    exact_match: float | None = doc("share of answers equal to an accepted one after light normalization")
+    anls: float | None = doc("average normalized Levenshtein similarity (0 below 0.5)")
+    n: int | None = doc("records scored")
+    chance: float | None = doc("the chance level the data set states (meta.json), if any")
+    split: str | None = doc("the evaluation file")
+    data: str | None = doc("the data folder")
+    skipped: int | None = doc("bad records skipped")
+    max_new_tokens: int | None = doc("the longest answer generated")
+
+
+@dataclass
+class ErrorInfo:
+    """Why a run failed."""
+
+    type: str | None = doc("the error's class ('unexpected X' for a bug)")
+    message: str | None = doc("one paragraph naming the problem and the fix")
+    stage: str | None = doc("what the run was doing")
+    plugin: str | None = doc("the plugin whose code raised, for an unexpected failure")
+    log: str | None = doc("the file holding the full traceback, for an unexpected failure")
+
+
+# ------------------------------------------------------------------------------------------------ the record
+
+
+@dataclass
+class Record:
+    """One run."""
+
+    schema_version: int = doc("the record's schema (this is 3)", SCHEMA_VERSION, metrics=False)
+    name: str | None = doc("the config's name", columns={"name": ""})
+    visual_tokens: int | None = doc(
+        "tokens of one image as the LLM receives them (None when a reducer decides by the image and nothing ran)",
+        columns={"visual_tokens": ""},
+    )
+    prompt_tokens: int | None = doc("text tokens of the prompt besides the image")
+    batch_size: int | None = doc("images (and prompts) per call")
+    tokens: Tokens = doc("tokens out of each stage, for one image", factory=Tokens)
+    params: Params = doc("parameters per component", factory=Params)
+    flops: Flops = doc("FLOPs per stage for the batch", factory=Flops)
+    latency_ms: Latency = doc("medians over the timed repeats, in ms", factory=Latency, columns={"ttft_ms": "ttft"})
+    latency_spread_ms: Latency = doc(
+        "interquartile ranges (p75 - p25) of the same samples, in ms; `stage_sum`: of the per-repeat sums",
+        factory=Latency,
+        same_as="latency_ms",
+    )
+    peak_memory_mb: float | None = doc(
+        "the run's own peak memory (GPU: allocated; CPU: the resident set, reset at the start of the run)"
+    )
+    encoder_form: str | None = doc("train or inference, for reparameterizable encoders (FastViT)")
+    weights: list[str] = doc("what was loaded ('kind: path'); empty for random weights", factory=list)
+    image: ImageInfo | None = doc("the image measured", metrics=False)
+    run: dict[str, Any] | None = doc(
+        "the run options as used (ablate.config.run_options.RunOptions; `threads` as torch set them, `dtypes` "
+        "resolved per component)",
+        metrics=False,
+        columns={"device": "device", "mode": "mode"},
+    )
+    env: Environment | None = doc("where it ran", metrics=False)
+    config: dict[str, Any] | None = doc("the resolved config, `run:` section included, as asked for", metrics=False)
+    fidelity: Fidelity | None = doc("with run.fidelity: first-token agreement and KL against no reduction")
+    execution: Execution = doc("how the timed stages ran", factory=Execution)
+    roofline: Roofline = doc("each stage against the device's peak", factory=Roofline)
+    profile: Profile | None = doc("with run.profile: the trace and the top kernels per stage", metrics=False)
+    notes: list[str] = doc("what a reader must know about the figures", factory=list, metrics=False)
+    accuracy: Accuracy | None = doc("for a trained model scored by `ablate eval`")
+    error: ErrorInfo | None = doc(
+        "why the run failed; None when it did not", metrics=False, columns={"error_type": "type"}
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: plain dicts, lists and numbers, in field order."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        """A record from its JSON form (schema 2 is migrated first); unknown keys are left out."""
+        return _build(cls, migrate(data))
+
+
+# ------------------------------------------------------------------------------------------ derived views
+
+
+def migrate(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's JSON form in the current schema (see the module docstring for what changed)."""
+    data = dict(data)
+    if data.get("schema_version") == 2:
+        latency = dict(data.get("latency_ms") or {})
+        parts = [latency.get(stage) for stage in STAGES]
+        latency["stage_sum"] = sum(parts) if all(isinstance(p, (int, float)) for p in parts) else None
+        data.update(latency_ms=latency, schema_version=SCHEMA_VERSION)
+    return data
+
+
+def _build(cls: type, data: Any) -> Any:
+    if not isinstance(data, Mapping):
+        return data
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _value(hints[f.name], data[f.name])
+    return cls(**values)
+
+
+def _value(hint: Any, value: Any) -> Any:
+    """`value` (JSON) built as the type `hint` says: a record block, a dict or list of them, or as it is."""
+    if value is None:
+        return None
+    options = [option for option in typing.get_args(hint) if option is not type(None)] if _is_union(hint) else [hint]
+    for option in options:
+        origin, args = typing.get_origin(option), typing.get_args(option)
+        if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
+            return _build(option, value)
+        if origin is dict and len(args) == 2 and isinstance(value, Mapping):
+            return {key: _value(args[1], item) for key, item in value.items()}
+        if origin is list and args and isinstance(value, list):
+            return [_value(args[0], item) for item in value]
+    return value
+
+
+def _inner(hint: Any) -> tuple[type | None, str]:
+    """The record block a field's type holds, and how: (`Peak`, '') for `Peak | None`, (`StageRoofline`, '.STAGE')
+    for a dict of them, (`KernelRow`, '.STAGE[]') for a dict of lists of them; (None, '') for plain values."""
+    options = [option for option in typing.get_args(hint) if option is not type(None)] if _is_union(hint) else [hint]
+    for option in options:
+        if dataclasses.is_dataclass(option):
+            return option, ""
+        origin, args = typing.get_origin(option), typing.get_args(option)
+        if origin is dict and len(args) == 2:
+            block, suffix = _inner(args[1])
+            if block is not None:
+                return block, ".STAGE" + suffix
+        if origin is list and args:
+            block, suffix = _inner(args[0])
+            if block is not None:
+                return block, "[]" + suffix
+    return None, ""
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted path, field, type) of every field, depth first, each block before its own fields; a dict of blocks
+    shows its keys (stages) as STAGE and a list of them as []."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        yield path, f, hints[f.name]
+        block, suffix = _inner(hints[f.name])
+        if block is not None:
+            yield from _fields(block, f"{path}{suffix}.")
+
+
+def columns() -> dict[str, str]:
+    """The results store's indexed columns: column name -> dotted path into the record."""
+    found = {}
+    for path, f, _ in _fields(Record):
+        for column, below in f.metadata.get("columns", {}).items():
+            found[column] = f"{path}.{below}" if below else path
+    return found
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's numbers (its JSON form) under stable '/'-joined names (`latency_ms/ttft`,
+    `roofline/stages/encoder/floor_ms`): every numeric value of a field marked as metrics, plus `status` ('ok' or
+    'failed') and the error's fields."""
+    out: dict[str, Any] = {}
+
+    def walk(cls: type, data: Any, prefix: str) -> None:
+        if not isinstance(data, Mapping):
+            return
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("metrics", True):
+                continue
+            value, name = data.get(f.name), f"{prefix}{f.name}"
+            block, suffix = _inner(hints[f.name])
+            if block is not None and suffix == "":
+                walk(block, value, name + "/")
+            elif block is not None and suffix == ".STAGE" and isinstance(value, Mapping):
+                for key, item in value.items():
+                    walk(block, item, f"{name}/{key}/")
+            elif isinstance(value, Mapping):  # numbers per stage, per dtype, ...
+                out.update({f"{name}/{key}": item for key, item in value.items() if _numeric(item)})
+            elif _numeric(value):
+                out[name] = value
+
+    walk(Record, record, "")
+    error = record.get("error")
+    out["status"] = "failed" if error else "ok"
+    if isinstance(error, Mapping):
+        out.update({f"error/{key}": value for key, value in error.items() if value is not None})
+    return out
+
+
+REFERENCE_START = "<!-- record reference: generated by `python -m ablate.measurement.record`; do not edit by hand -->"
+REFERENCE_END = "<!-- end of the record reference -->"
+
+
+def reference_markdown() -> str:
+    """The README's field reference ("What a run reports"), generated from the definition."""
+    lines = [REFERENCE_START, "", "| field | meaning |", "|---|---|"]
+    listed_once = []
+    for path, f, _ in _fields(Record):
+        if any(path.startswith(prefix) for prefix in listed_once):
+            continue
+        meaning = f.metadata["doc"]
+        if f.metadata["same_as"]:
+            meaning += f"; the same keys as `{f.metadata['same_as']}`"
+            listed_once.append(path + ".")
+        lines.append(f"| `{path}` | {meaning.replace('|', '&#124;')} |")
+    return "\n".join([*lines, "", REFERENCE_END]) + "\n"
+
+
+if __name__ == "__main__":  # python -m ablate.measurement.record: the README section
+    print(reference_markdown(), end="")

@@ -1,0 +1,281 @@
+"""One run: resolve, check the machine, count (tokens, params, FLOPs), build, time every stage and TTFT; one record.
+
+A run leaves the process as it found it (thread count, default dtype, the global RNG) and measures its own peak
+memory, so many runs in one process (a grid, a Python loop) do not leak into each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ablate.api.components import DECODER_PRUNING, KINDS, StageContext
+from ablate.api.errors import AblateError, PluginFailure, ResourceError, first_line, out_of_memory, unexpected
+from ablate.api.preprocessing import load_image, synthetic_image
+from ablate.api.registry import Registry, get_registry
+from ablate.config.compose import VLMConfig, load_config
+from ablate.config.run_options import RunOptions
+from ablate.measurement.counting import (
+    check_fits,
+    count_prefill_flops,
+    count_vision,
+    meta_context,
+    token_summary,
+    with_total,
+)
+from ablate.measurement.fidelity import first_token_fidelity
+from ablate.measurement.machine import check_machine, environment, peak_memory
+from ablate.measurement.modes import prepare, requested
+from ablate.measurement.profiling import profile_stages, trace_path
+from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, Params, Record, Tokens
+from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes
+from ablate.measurement.timing import Progress, StageTimer, time_stages
+from ablate.model.build import build, default_dtype
+from ablate.model.vlm import VLM
+
+
+def measure(
+    config: str | VLMConfig | Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    *,
+    progress: Progress | None = None,
+    registry: Registry | None = None,
+    **run_options: Any,
+) -> Record:
+    """Build the configured VLM and measure it; returns the record (`ablate.Record`, `.to_dict()` for JSON).
+
+    `run_options` set the config's `run:` section and win over it, e.g. `measure("tiny", repeats=3, count_only=True)`.
+    On failure this raises an AblateError (bad input: its message names the fix) whose `.record` holds everything
+    measured before the failure, with `record.error` filled; KeyboardInterrupt carries `.record` the same way.
+    """
+    registry = registry or get_registry()
+    progress = progress or (lambda *_: None)
+    record = Record()
+    where: dict[str, Any] = {"stage": "reading the config", "timer": None}
+    try:
+        with torch.random.fork_rng(devices=[]), _restore_threads():
+            config = load_config(config, overrides, registry, run=run_options)
+            _run(config, record, registry, progress, where)
+        return record
+    except BaseException as exc:  # every failure becomes a record; see the docstring
+        timer = where["timer"]
+        stage = f"{where['stage']} ({timer.current} stage)" if timer is not None and timer.current else where["stage"]
+        if out_of_memory(exc):
+            error = ResourceError(
+                f"Out of memory while {stage}: {first_line(exc)}. The weights fit, but not the activations: use a "
+                f"smaller image size or batch, --dtype bfloat16, or --count-only (nothing allocated)."
+            )
+        elif isinstance(exc, (AblateError, KeyboardInterrupt)):
+            error = exc
+        else:
+            error = unexpected(exc, stage, registry.plugin_in_traceback(exc))
+        record.error = error_info(error, stage)
+        error.record = record
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def error_info(exc: BaseException, stage: str | None) -> ErrorInfo:
+    """The record's error block for `exc`, raised while doing `stage`."""
+    if isinstance(exc, KeyboardInterrupt):
+        message = "Interrupted (Ctrl-C) before the run finished; what was measured so far is kept."
+        return ErrorInfo(type="KeyboardInterrupt", message=message, stage=stage)
+    failure = exc if isinstance(exc, PluginFailure) else None
+    return ErrorInfo(
+        type=type(exc).__name__ if isinstance(exc, AblateError) else f"unexpected {type(exc).__name__}",
+        message=str(exc),
+        stage=stage,
+        plugin=failure.plugin if failure else None,
+        log=failure.log if failure else None,
+    )
+
+
+def failed_record(exc: BaseException, stage: str | None = None) -> Record:
+    """The record of a run that failed before it started (bad arguments): every field empty, the error filled."""
+    return dataclasses.replace(Record(), error=error_info(exc, stage))
+
+
+def run_entry(options: RunOptions) -> dict[str, Any]:
+    """The run options as used: the thread count torch actually runs with, and each component's dtype."""
+    used = dataclasses.asdict(options)
+    used["threads"] = torch.get_num_threads()
+    used["dtypes"] = {kind: str(options.dtype_of(kind)).removeprefix("torch.") for kind in used["dtypes"]}
+    return used
+
+
+def image_info(path: str | None, image) -> ImageInfo:
+    info = ImageInfo(source="synthetic" if path is None else os.path.abspath(path))
+    if image is not None:
+        info.width, info.height = image.size
+    if path is not None:
+        info.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return info
+
+
+def _run(config: VLMConfig, record: Record, registry: Registry, progress: Progress, where: dict) -> None:
+    options = config.run
+    record.name = config.name
+    record.prompt_tokens = config.prompt_tokens
+    record.batch_size = config.batch_size
+    record.config = config.to_dict()
+    record.execution = requested(options)
+    where["stage"] = "checking the machine"
+    check_machine(config)  # here, where the run happens: a grid resolved elsewhere fails cell by cell
+    device = torch.device(options.device)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)  # random weights are the same for the same seed
+    record.run = run_entry(options)
+    record.env = environment(device, registry.versions())
+    with peak_memory(device, record):
+        where["stage"] = "reading the image"
+        image = load_image(options.image) if options.image else None  # a bad file fails before any model is built
+        if image is not None:  # the model is counted and built for the raw size of the image it will see
+            config = dataclasses.replace(config, input_size=list(image.size))
+            record.config["input_size"] = config.input_size
+
+        where["stage"] = "counting on the meta device"
+        progress("counting on the meta device", 0, 1)
+        meta_vlm = build(config, meta=True, registry=registry)
+        record.params = Params(**meta_vlm.params())
+        record.encoder_form = getattr(meta_vlm.encoder, "form", None)
+        meta_ctx = meta_context(meta_vlm, config.batch_size, config.prompt_tokens)
+        flops, tokens, vision_out = count_vision(meta_vlm, meta_ctx)
+        _fill_counts(record, meta_vlm, flops, tokens, config, vision_out)
+        record.notes.extend(note for kind in KINDS for note in getattr(meta_vlm, kind).notes())
+        traffic = _traffic(meta_vlm, meta_ctx, record, config)
+        peak = device_peak(device, options, record.env.device_name)
+        if options.count_only:
+            _count_only_notes(record, meta_vlm, vision_out, config)
+            record.roofline = roofline(record, traffic, peak, record.execution)
+            record.image = image_info(options.image, image)
+            return
+
+        where["stage"] = "building the model"
+        check_fits(meta_vlm, options)
+        progress("building the model", 0, 1)
+        vlm = build(config, registry=registry)
+        record.weights = vlm.loaded_weights
+
+        where["stage"] = "timing"
+        if image is None:
+            image = synthetic_image(vlm.encoder.input_size, options.seed)
+        record.image = image_info(options.image, image)
+        with torch.inference_mode(), default_dtype(options.dtype_of("encoder")):
+            pixels = vlm.encoder.prepare(image)
+        pixels = pixels.unsqueeze(0).expand(config.batch_size, *pixels.shape).contiguous().to(device)
+        ids = vlm.make_prompt(config.prompt_tokens, config.batch_size, options.seed).to(device)
+        ctx = vlm.start(pixels, ids, image_size=image.size)
+        where["stage"] = f"preparing {options.mode} mode"
+        prepared = prepare(vlm, ctx, options, progress)
+        record.execution = prepared.entry
+        record.notes += prepared.notes
+
+        where["stage"] = "timing"
+        timer = where["timer"] = StageTimer(device)
+        record.latency_ms, record.latency_spread_ms, vision_out = time_stages(
+            prepared, lambda: vlm.encoder.prepare(image).to(device), prepared.ctx, options, timer, progress
+        )
+        where["timer"] = None
+        if options.profile:
+            where["stage"] = "profiling"
+            progress("profiling", 0, 1)
+            path = trace_path(options.profile, config.name, record.execution.used.mode)
+            record.profile = profile_stages(prepared, prepared.ctx, path, device)
+        if record.visual_tokens is None:  # image-dependent counts: take them from the real run
+            where["stage"] = "counting the data-dependent stages"
+            with torch.inference_mode():
+                real_flops, real_tokens, vision_out = count_vision(vlm, ctx, stop_at_unknown=False)
+            flops = {**real_flops, "encoder": flops["encoder"]}  # meta counts attention kernels; keep its figure
+            _fill_counts(record, meta_vlm, flops, real_tokens, config, vision_out)
+            with torch.inference_mode():
+                traffic = {**traffic, **vision_bytes(vlm, prepared.ctx, stop_at_unknown=False)}
+            traffic.update(_traffic(meta_vlm, None, record, config))
+            record.notes.append(
+                f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: token counts "
+                f"and the FLOPs from it on are those of the measured image."
+            )
+        _reducer_notes(record, meta_vlm, vision_out)
+        record.roofline = roofline(record, traffic, peak, record.execution)
+        if options.fidelity:
+            where["stage"] = "measuring fidelity against the model without its reducer"
+            progress("measuring fidelity", 0, 1)
+            record.fidelity = first_token_fidelity(vlm, prepared.ctx)
+
+
+def _fill_counts(
+    record: Record, meta_vlm: VLM, flops: dict, tokens: dict, config: VLMConfig, out: StageContext
+) -> None:
+    summary = token_summary(meta_vlm, tokens, config.prompt_tokens)
+    record.tokens = Tokens(**summary)
+    record.visual_tokens = None if summary["llm_input"] is None else summary["llm_input"] - config.prompt_tokens
+    prefill = None
+    if summary["llm_input"] is not None:
+        pruning = out.extras.get(DECODER_PRUNING)
+        prefill = count_prefill_flops(meta_vlm, config.batch_size, summary["llm_input"], pruning, record.visual_tokens)
+    record.flops = Flops(**with_total({**flops, "prefill": prefill}))
+
+
+def _count_only_notes(record: Record, meta_vlm: VLM, vision_out: StageContext, config: VLMConfig) -> None:
+    _reducer_notes(record, meta_vlm, vision_out)
+    record.notes.append("count-only: nothing was timed and no weights were allocated.")
+    if config.run.fidelity:
+        record.notes.append("count-only: fidelity needs a real run (run.fidelity was not measured).")
+    if record.visual_tokens is None:
+        record.notes.append(
+            f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: its token counts "
+            f"and the FLOPs from it on are known only from a timed run."
+        )
+    loaded = [f"{kind}.weights" for kind in KINDS if getattr(config, kind).weights] + (
+        ["weights"] if config.weights else []
+    )
+    if loaded:
+        record.notes.append(
+            f"count-only: {', '.join(loaded)} exist but were not loaded or checked against the architecture."
+        )
+
+
+def _reducer_notes(record: Record, vlm: VLM, out: StageContext) -> None:
+    """Flag a reducer that leaves the LLM input as it is; give the per-layer counts of one that prunes in the LLM."""
+    names = [name for name, _ in vlm.vision_stages()]
+    before = names[names.index("reducer") - 1]
+    count = record.tokens.reducer
+    if vlm.reducer.passthrough or count is None or count != getattr(record.tokens, before):
+        return
+    name = vlm.reducer.name
+    pruning = out.extras.get(DECODER_PRUNING)
+    if pruning is None:
+        record.notes.append(f"reducer '{name}' leaves the LLM input unchanged: {count} visual tokens in and out.")
+        return
+    layers = vlm.decoder.num_layers
+    average = (pruning.layer * count + (layers - pruning.layer) * pruning.keep) / layers if layers else None
+    record.notes.append(
+        f"reducer '{name}' leaves the LLM input unchanged ({count} visual tokens) and drops visual tokens inside the "
+        f"LLM: layers 0..{pruning.layer - 1} see {count}, layers {pruning.layer}..{layers - 1} see {pruning.keep}"
+        + (f" ({average:.1f} per layer on average, the count FastV and SparseVLM report)." if average else ".")
+    )
+
+
+def _traffic(meta_vlm: VLM, meta_ctx, record: Record, config: VLMConfig) -> dict[str, Any]:
+    """Bytes moved per stage, on the meta device: the vision stages on `meta_ctx` (None: skip them) and the prefill."""
+    traffic = vision_bytes(meta_vlm, meta_ctx) if meta_ctx is not None else {}
+    if record.tokens.llm_input is not None:
+        traffic["prefill"] = prefill_bytes(meta_vlm, config.batch_size, record.tokens.llm_input)
+    return traffic
+
+
+@contextmanager
+def _restore_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

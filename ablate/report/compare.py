@@ -1,0 +1,469 @@
+"""`ablate compare`: re-measure a paper's comparisons on this machine, one row per claim.
+
+A claims file (YAML) names the systems (a config plus overrides each) and the claims: which system is claimed to
+beat which, and the paper's ratios (baseline / fast: times faster, fewer tokens, smaller encoder). Every system is
+counted on the meta device and timed (TTFT broken into stages), then each claim's ratios are computed from the
+records: TTFT, encoder latency, visual tokens, encoder parameters.
+
+Systems too big for the memory budget are never skipped silently. Each runs in the largest form that fits: the
+requested dtype, else bfloat16, else its LLM cut to k of its L layers with the prefill time scaled by L/k (an
+estimate, labelled so); a system that fits in no form is counted only. `--max-llm-layers` cuts bigger LLMs on
+purpose, to bound the run time on a slow machine. The claims files shipped with ablate live in the preset folders'
+`claims/` subfolder (`ablate compare fastvlm`); any YAML path works too.
+
+    title: ...
+    layers_key: decoder.overrides.num_hidden_layers   # the override that sets the LLM's depth
+    systems:
+      NAME: {config: PRESET_OR_PATH, overrides: [key=value, ...], llm_layers: L}
+    claims:
+      - {claim: TEXT, source: TEXT, fast: NAME, baseline: NAME,
+         paper: {ttft: X, encoder_ms: X, tokens: X, encoder_params: X}}   # any of them; null = not claimed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ablate.api.errors import AblateError, ConfigError, ResourceError, did_you_mean
+from ablate.config.compose import load_config, read_yaml
+from ablate.config.presets import named_files
+from ablate.config.run_options import DTYPES, RunOptions
+from ablate.measurement.machine import available_memory, check_run_options, cpu_features, device_name
+from ablate.measurement.run import measure
+from ablate.model.vlm import STAGES
+from ablate.version import DISTRIBUTION
+
+METRICS = {  # metric -> (column title, what it divides)
+    "ttft": ("TTFT", "time to first token"),
+    "encoder_ms": ("encoder latency", "encoder stage"),
+    "tokens": ("visual tokens", "tokens the LLM reads for the image"),
+    "encoder_params": ("encoder params", "vision encoder parameters"),
+}
+Progress = Callable[[str], None]
+
+
+@dataclass
+class System:
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    llm_layers: int | None = None  # the LLM's depth, for cutting it to fit
+
+
+@dataclass
+class Claim:
+    claim: str
+    fast: str
+    baseline: str
+    source: str = ""
+    paper: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class Claims:
+    title: str
+    systems: dict[str, System]
+    claims: list[Claim]
+    layers_key: str | None = None
+    path: str = ""
+
+
+# ------------------------------------------------------------------------------------------- claims file
+
+
+def load_claims(source: str) -> Claims:
+    """A claims file by name (a preset folder's claims/NAME.yaml) or path, checked strictly."""
+    files = named_files("claims")
+    path = files.get(source) or Path(source)
+    if not path.is_file():
+        raise ConfigError(
+            f"Claims file '{source}' is neither a file nor a known claims name.{did_you_mean(source, files)} "
+            f"Known: {', '.join(sorted(files)) or 'no claims files found'}."
+        )
+    data = read_yaml(path)
+    where = f"claims file {path}"
+    _check_keys(data, {"title", "systems", "claims", "layers_key"}, where)
+    systems = {}
+    for name, node in (data.get("systems") or {}).items():
+        if not isinstance(node, Mapping) or not isinstance(node.get("config"), str):
+            raise ConfigError(f"System '{name}' in {where} needs a mapping with a `config` (preset or path).")
+        _check_keys(node, {f.name for f in dataclasses.fields(System)} - {"name"}, f"system '{name}' in {where}")
+        systems[str(name)] = System(
+            name=str(name),
+            config=node["config"],
+            overrides=[str(o) for o in node.get("overrides") or []],
+            llm_layers=node.get("llm_layers"),
+        )
+    claims = []
+    for index, node in enumerate(data.get("claims") or []):
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"Claim {index} in {where} must be a mapping (claim, fast, baseline, paper).")
+        _check_keys(node, {f.name for f in dataclasses.fields(Claim)}, f"claim {index} in {where}")
+        paper = dict(node.get("paper") or {})
+        _check_keys(paper, set(METRICS), f"claim {index}'s paper ratios in {where}")
+        for role in ("fast", "baseline"):
+            if node.get(role) not in systems:
+                raise ConfigError(
+                    f"Claim {index} in {where}: {role} '{node.get(role)}' is not one of its systems "
+                    f"({', '.join(systems)}).{did_you_mean(str(node.get(role)), systems)}"
+                )
+        claims.append(
+            Claim(str(node.get("claim", "")), node["fast"], node["baseline"], str(node.get("source", "")), paper)
+        )
+    return Claims(str(data.get("title") or path.stem), systems, claims, data.get("layers_key"), str(path))
+
+
+def _check_keys(node: Mapping, allowed: set[str], where: str) -> None:
+    for key in node:
+        if key not in allowed:
+            raise ConfigError(
+                f"Unknown key '{key}' in {where}.{did_you_mean(str(key), allowed)} Keys: {', '.join(sorted(allowed))}."
+            )
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Options:
+    """How `compare` runs (the `ablate compare` flags)."""
+
+    systems: list[str] | None = None  # a subset of the file's systems (claims needing others are shown unmeasured)
+    overrides: list[str] = field(default_factory=list)  # key=value for every system, SYSTEM:key=value for one
+    count_only: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    repeats: int = 3
+    warmup: int = 1
+    max_llm_layers: int | None = None  # cut deeper LLMs to this many layers (scaled estimate)
+    memory_gb: float | None = None  # the budget for weights; default: the memory available now
+
+
+def compare(claims: Claims, options: Options, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure the systems the claims need and compute every claim's ratios: the `ablate compare --json` object."""
+    progress = progress or (lambda _: None)
+    run_options = RunOptions(device=options.device, dtype=options.dtype, threads=options.threads)
+    run_options.validate()
+    check_run_options(run_options)  # the comparison runs here: a device or thread count it lacks fails at once
+    names = _selected(claims, options)
+    overrides = _split_overrides(options.overrides, claims)
+    for name in names:  # bad configs and overrides fail here, before anything is measured
+        system = claims.systems[name]
+        load_config(system.config, system.overrides + overrides.get(None, []) + overrides.get(name, []))
+    budget = options.memory_gb * 2**30 if options.memory_gb else None  # None: what is free when each system starts
+    results: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(names):
+        system = claims.systems[name]
+        extra = system.overrides + overrides.get(None, []) + overrides.get(name, [])
+        progress(f"[{index + 1}/{len(names)}] {name}: counting")
+        try:
+            step = f"[{index + 1}/{len(names)}] {name}"
+            results[name] = _measure_system(system, extra, claims.layers_key, options, budget, progress, step)
+        except AblateError as exc:  # a failing system is a row with its error, not a crashed comparison
+            failed = getattr(exc, "record", None)
+            results[name] = _summary(name, system, failed and failed.to_dict(), "failed", error=str(exc))
+    rows = [_claim_row(claim, results) for claim in claims.claims]
+    return {
+        "title": claims.title,
+        "claims_file": claims.path,
+        "device": _device_name(options.device),
+        "mode": "count-only" if options.count_only else "eager",
+        "options": dataclasses.asdict(options),
+        "systems": results,
+        "claims": rows,
+    }
+
+
+def _selected(claims: Claims, options: Options) -> list[str]:
+    if options.systems is None:
+        needed = {name for claim in claims.claims for name in (claim.fast, claim.baseline)}
+        return [name for name in claims.systems if name in needed] or list(claims.systems)
+    for name in options.systems:
+        if name not in claims.systems:
+            raise ConfigError(
+                f"Unknown system '{name}' (--systems).{did_you_mean(name, claims.systems)} Systems in {claims.path}: "
+                f"{', '.join(claims.systems)}."
+            )
+    return list(options.systems)
+
+
+def _split_overrides(overrides: Iterable[str], claims: Claims) -> dict[str | None, list[str]]:
+    """'key=value' applies to every system, 'SYSTEM:key=value' to one."""
+    split: dict[str | None, list[str]] = {}
+    for text in overrides:
+        head, sep, rest = text.partition(":")
+        if sep and "=" not in head:
+            if head not in claims.systems:
+                raise ConfigError(
+                    f"Override '{text}' names system '{head}', which {claims.path} does not have."
+                    f"{did_you_mean(head, claims.systems)} Systems: {', '.join(claims.systems)}."
+                )
+            split.setdefault(head, []).append(rest)
+        else:
+            split.setdefault(None, []).append(text)
+    return split
+
+
+def _measured(config: str, overrides: list[str], **run_options: Any) -> dict[str, Any]:
+    """`ablate.measure`'s record in its JSON form, which the comparison reads and writes out."""
+    return measure(config, overrides, **run_options).to_dict()
+
+
+def _measure_system(system, extra, layers_key, options, budget, progress, step) -> dict[str, Any]:
+    counted = _measured(system.config, extra, count_only=True, device=options.device, dtype=options.dtype)
+    if options.count_only:
+        return _summary(system.name, system, counted, "count-only")
+    dtype, cut, note = _form(system, extra, layers_key, options, budget or _budget(options), counted)
+    while True:
+        if dtype is None:
+            return _summary(system.name, system, counted, "count-only", note=note)
+        form = f"{dtype}" + (
+            f", LLM {cut} of {system.llm_layers} layers, prefill scaled x{system.llm_layers / cut:g}" if cut else ""
+        )
+
+        def report(what: str, done: int, steps: int, form=form) -> None:
+            progress(f"{step} ({form}): {what} {done}/{steps}")
+
+        try:
+            record = _measured(
+                system.config,
+                extra + ([f"{layers_key}={cut}"] if cut else []),
+                progress=report,
+                device=options.device,
+                dtype=dtype,
+                threads=options.threads,
+                repeats=options.repeats,
+                warmup=options.warmup,
+            )
+            break
+        except ResourceError as exc:  # memory shrank since the form was chosen (a shared machine): the next smaller
+            smaller = (cut or system.llm_layers or 0) // 2 if layers_key else 0
+            if smaller < 1:
+                dtype, note = None, f"counted only: {exc}"
+            else:
+                cut, note = (
+                    smaller,
+                    f"LLM cut to {smaller} of {system.llm_layers} layers to fit: prefill and TTFT are estimates",
+                )
+    summary = _summary(system.name, system, counted, form, note=note, timed=record)
+    if cut:  # the prefill of L layers from k: the per-layer cost dominates (embedding and head are one token's)
+        scale = system.llm_layers / cut
+        latency = summary["latency_ms"]
+        measured_prefill = latency["prefill"]
+        latency["prefill"] = measured_prefill * scale
+        latency["ttft"] = latency["ttft"] - measured_prefill + latency["prefill"]
+        summary["estimate"] = True
+    return summary
+
+
+def _budget(options: Options) -> int | None:
+    return available_memory(torch.device(options.device))
+
+
+def _form(system, extra, layers_key, options, budget, counted) -> tuple[str | None, int | None, str | None]:
+    """(dtype, LLM layers to cut to or None, note): the largest form of the system that fits the memory budget."""
+    total = counted["params"]["total"]
+
+    def fits(params: int, dtype: str) -> bool:
+        return budget is None or params * torch.empty((), dtype=DTYPES[dtype]).element_size() * 1.2 <= budget
+
+    layers = system.llm_layers
+    capped = options.max_llm_layers is not None and layers is not None and layers > options.max_llm_layers
+    # A CPU without bfloat16 instructions emulates it about 200x slower than float32 (measured: 0.17 vs 39 GFLOP/s
+    # on an AVX2 core): a bfloat16 7B prefill would take hours, so cut the LLM in float32 instead.
+    emulated = options.device == "cpu" and not cpu_features().bf16
+    fallbacks = [] if emulated else ["bfloat16"]
+    if not capped:
+        for dtype in dict.fromkeys([options.dtype, *fallbacks]):
+            if options.device == "cpu" and dtype == "float16":
+                continue
+            if fits(total, dtype):
+                note = None if dtype == options.dtype else f"{options.dtype} does not fit the memory budget"
+                return dtype, None, note
+    skipped = " (bfloat16 would fit, but this CPU only emulates it)" if emulated and fits(total, "bfloat16") else ""
+    if layers is None or layers_key is None:
+        return (
+            None,
+            None,
+            f"does not fit the memory budget{skipped} and its LLM depth (llm_layers) is unknown: counted only",
+        )
+    cut = min(options.max_llm_layers or layers, layers)
+    while cut >= 1:
+        cut_record = _measured(system.config, extra + [f"{layers_key}={cut}"], count_only=True, dtype=options.dtype)
+        if fits(cut_record["params"]["total"], options.dtype):
+            reason = ("--max-llm-layers" if capped else "the memory budget") + skipped
+            return (
+                options.dtype,
+                cut,
+                f"LLM cut to {cut} of {layers} layers for {reason}: prefill and TTFT are estimates",
+            )
+        cut //= 2
+    return None, None, f"does not fit the memory budget{skipped} even with a one-layer LLM: counted only"
+
+
+def _summary(name, system, record, form, note=None, error=None, timed=None) -> dict[str, Any]:
+    record = record or {}
+    source = timed or record
+    latency = dict(source.get("latency_ms") or {})
+    return {
+        "system": name,
+        "config": system.config,
+        "overrides": system.overrides,
+        "form": form,
+        "estimate": False,
+        "visual_tokens": record.get("visual_tokens"),
+        "encoder_params": (record.get("params") or {}).get("encoder"),
+        "params": (record.get("params") or {}).get("total"),
+        "flops": record.get("flops") or {},
+        "latency_ms": {key: latency.get(key) for key in (*STAGES, "ttft")},
+        "threads": ((timed or {}).get("run") or {}).get("threads"),
+        "note": note,
+        "error": error,
+    }
+
+
+def _ratio(baseline, fast) -> float | None:
+    return baseline / fast if baseline is not None and fast else None
+
+
+def _claim_row(claim: Claim, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    fast, base = results.get(claim.fast), results.get(claim.baseline)
+    measured: dict[str, float | None] = dict.fromkeys(METRICS)
+    if fast and base:
+        measured = {
+            "ttft": _ratio(base["latency_ms"]["ttft"], fast["latency_ms"]["ttft"]),
+            "encoder_ms": _ratio(base["latency_ms"]["encoder"], fast["latency_ms"]["encoder"]),
+            "tokens": _ratio(base["visual_tokens"], fast["visual_tokens"]),
+            "encoder_params": _ratio(base["encoder_params"], fast["encoder_params"]),
+        }
+    estimate = any(r and r["estimate"] for r in (fast, base))
+    missing = [name for name in (claim.fast, claim.baseline) if name not in results]
+    return {
+        "claim": claim.claim,
+        "source": claim.source,
+        "fast": claim.fast,
+        "baseline": claim.baseline,
+        "paper": {key: claim.paper.get(key) for key in METRICS},
+        "measured": measured,
+        "estimate": estimate,
+        "forms": {name: results[name]["form"] for name in (claim.fast, claim.baseline) if name in results},
+        "note": f"not measured: {', '.join(missing)} left out (--systems)" if missing else None,
+    }
+
+
+def _device_name(device: str) -> str:
+    return device_name(torch.device(device))
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def _x(value: float | None, estimate: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{'~' if estimate else ''}{value:.3g}×"
+
+
+def _ms(value: float | None, estimate: bool = False) -> str:
+    return "–" if value is None else f"{'~' if estimate else ''}{value:,.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The claims table, then the systems table, as Markdown."""
+    lines = [
+        f"## {result['title']}: re-measured on {result['device']} ({result['mode']})",
+        "",
+        "Ratios are baseline / FastVLM-side (times faster, fewer, smaller): paper / measured here. "
+        "`~` marks an estimate (an LLM cut to fewer layers, its prefill scaled).",
+        "",
+        "| claim | systems | " + " | ".join(title for title, _ in METRICS.values()) + " | device | mode |",
+        "|---|---|" + "---|" * len(METRICS) + "---|---|",
+    ]
+    for row in result["claims"]:
+        cells = [
+            f"{_x(row['paper'][key])} / {_x(row['measured'][key], row['estimate'] and key == 'ttft')}"
+            for key in METRICS
+        ]
+        systems = f"{row['fast']} vs {row['baseline']}"
+        claim = row["claim"] + (f" ({row['note']})" if row["note"] else "")
+        lines.append(f"| {claim} | {systems} | " + " | ".join(cells) + f" | {result['device']} | {result['mode']} |")
+    lines += [
+        "",
+        "| system | config | form | visual tokens | encoder params (M) | encoder ms | prefill ms | TTFT ms | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for summary in result["systems"].values():
+        latency, estimate = summary["latency_ms"], summary["estimate"]
+        params = summary["encoder_params"]
+        config = " ".join([summary["config"], *summary["overrides"]])
+        note = "; ".join(filter(None, [summary["note"], summary["error"]]))
+        lines.append(
+            f"| {summary['system']} | {config} | {summary['form']} | {summary['visual_tokens'] or '–'} | "
+            f"{'–' if params is None else f'{params / 1e6:,.1f}'} | {_ms(latency['encoder'])} | "
+            f"{_ms(latency['prefill'], estimate)} | {_ms(latency['ttft'], estimate)} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Horizontal stacked bars per system: TTFT split into stages (or, counted only, GFLOPs per stage)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(result["systems"].values())
+    timed = result["mode"] != "count-only" and any(s["latency_ms"]["ttft"] for s in systems)
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(systems) + 1.6))
+    colors = dict(zip(STAGES, ("#4C72B0", "#DD8452", "#55A868", "#C44E52")))
+    for y, summary in enumerate(systems):
+        left = 0.0
+        for stage in STAGES:
+            value = summary["latency_ms"][stage] if timed else (summary["flops"].get(stage) or 0) / 1e9
+            value = value or 0.0
+            hatch = "//" if timed and stage == "prefill" and summary["estimate"] else None
+            ax.barh(
+                y,
+                value,
+                left=left,
+                color=colors[stage],
+                hatch=hatch,
+                edgecolor="white",
+                label=stage if y == 0 else None,
+            )
+            left += value
+        label = f"{left:,.0f}" + (" (estimate)" if timed and summary["estimate"] else "")
+        if summary["error"] or (timed and not summary["latency_ms"]["ttft"]):
+            label = "not timed: " + ("failed" if summary["error"] else summary["form"])
+        ax.text(left, y, f" {label}", va="center", fontsize=8)
+    ax.set_yticks(range(len(systems)), [s["system"] for s in systems])
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds (TTFT by stage; hatched: scaled estimate)" if timed else "GFLOPs by stage (counted)")
+    ax.set_title(f"{result['title']}: {result['device']}, {result['mode']}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.margins(x=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], out: Path) -> dict[str, str]:
+    """compare.md, compare.png and compare.json in `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / "compare.md", "plot": out / "compare.png", "json": out / "compare.json"}
+    paths["markdown"].write_text(markdown(result))
+    paths["json"].write_text(json.dumps(result, indent=1, default=str))
+    try:
+        plot(result, paths["plot"])
+    except ImportError:  # the table is the result; the plot is an extra
+        del paths["plot"]
+        result.setdefault("notes", []).append(f"no plot: install matplotlib (pip install '{DISTRIBUTION}[plot]')")
+    return {key: str(value) for key, value in paths.items()}
