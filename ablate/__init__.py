@@ -20,7 +20,7 @@ _LAZY = {
     "build": "ablate.model.build",
     "from_checkpoint": "ablate.model.build",
     "load_config": "ablate.config.compose",
-    "measure": "ablate.measurement.run",
+    "measure": "ablate.measurement.measure",
     "Record": "ablate.measurement.record",
 }
 

@@ -172,7 +172,7 @@ def with_import(module: str, line: str) -> dict[str, str]:
         ("ablate.api.components", "from ablate.model.vlm import VLM", "wing api) imports ablate.model.vlm"),
         ("ablate.grid.store", "from ablate.train.loop import train", "wing grid) imports ablate.train.loop"),
         ("ablate.config.compose", "def f():\n    from ablate.cli import main", "imports ablate.cli"),
-        ("ablate.measurement.timing", "from ablate.measurement.run import measure", "import circle"),
+        ("ablate.measurement.timing", "from ablate.measurement.measure import measure", "import circle"),
         ("ablate.api.errors", "from ablate.api import KINDS", "import circle"),
         ("ablate.model.vlm", "import ablate_plugins.encoders.fastvit", "imports the built-in plugin module"),
         ("ablate_plugins.reducers.visionzip", "from ablate.api.registry import get_registry", "only ablate.api"),

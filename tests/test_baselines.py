@@ -58,8 +58,9 @@ def _meta(cls, **options):
         return cls(cls.Config(name=cls.name, **options))
 
 
-def test_encoder_params_match_the_spec():
-    """Within 1% of shared/spec/baselines-and-reducers.md section 4.4 (timm-run figures) and section 6."""
+def test_encoder_params_match_the_published_sizes():
+    """Within 1% of the towers' published sizes: CLIP ViT-L/14 304M, ConvNeXt-L 199M (timm), ConvLLaVA's fifth stage
+    473M (its paper), SigLIP-SO400M 413M before LLaVA-OneVision drops a block."""
     assert _params(_meta(ClipViTL14)) == pytest.approx(303.5e6, rel=0.01)
     assert _params(_meta(ConvNeXtL)) == pytest.approx(198.6e6, rel=0.01)
     convllava = _meta(ConvLLaVA)

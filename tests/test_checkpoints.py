@@ -226,7 +226,7 @@ def test_full_size_fastvlm_configs_and_key_maps(tmp_path):
         f"model.vision_tower.vision_tower.model.{key}": torch.empty(shape, device="meta")
         for key, shape in official_key_list()
     }
-    assert len(checkpoint) == 629  # spec 3.4, head.proj included
+    assert len(checkpoint) == 629  # ml-fastvlm's released tower keys, head.proj included
     checkpoint.update(meta_tensors(vlm.connector.layers, lambda k: f"model.mm_projector.{k}"))
     checkpoint.update(meta_tensors(vlm.decoder.lm, lambda k: k))
     load_state_dict_strict(vlm, MlFastVLMLlava().to_vlm_keys(checkpoint, vlm)[0], "full-size LLaVA layout")

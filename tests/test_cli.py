@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli, run_json
 
+import ablate
+
 LATENCY_KEYS = {"preprocess", "encoder", "reducer", "connector", "prefill", "stage_sum", "ttft"}
 
 
@@ -114,3 +116,36 @@ def test_swap_to_clip_vit_in_one_override():
     )
     assert record["visual_tokens"] == 576
     assert record["params"]["connector"] == 1024 * 896 + 896 + 896 * 896 + 896
+
+
+def test_version_and_the_shipped_files():
+    version = run_cli("--version")
+    assert version.returncode == 0 and f"ablate {ablate.__version__} (distribution ablate-vlm)" in version.stdout
+    grids = run_cli("list", "grids")
+    assert grids.returncode == 0 and "fastvlm-resolution" in grids.stdout and "encoder-comparison" in grids.stdout
+    for kind, shipped in (("claims", "fastvlm"), ("stages", "stage1_5"), ("presets", "llava-onevision-0.5b")):
+        listing = run_cli("list", kind)
+        assert listing.returncode == 0 and shipped in listing.stdout, (kind, listing.stdout)
+
+
+def test_a_grid_of_gpu_cells_expands_here_and_each_cell_fails_on_its_own(tmp_path):
+    """Expanding a grid never checks this machine; each cell's run does, and stores its own error row."""
+    import torch
+
+    from ablate.grid.store import Store
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the cells would run")
+    grid = ["grid", "tiny", "encoder.image_size=64,128", "--device", "cuda", "--db", str(tmp_path / "r.db")]
+    dry = run_cli(*grid, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "encoder.image_size=64" in dry.stdout and "encoder.image_size=128" in dry.stdout
+    assert "2 to run" in dry.stdout and "will fail" not in dry.stdout
+    ran = run_cli(*grid, "--repeats", "1")
+    assert ran.returncode == 1 and "2 of 2 cells failed" in ran.stderr
+    with Store(tmp_path / "r.db", create=False) as store:
+        rows = store.rows(status="failed")
+    assert len(rows) == 2
+    for row in rows:
+        assert row.record["error"]["type"] == "ResourceError" and "no CUDA GPU" in row.record["error"]["message"]
+        assert row.record["config"]["run"]["device"] == "cuda"  # the failed row keeps its config for filters

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -500,23 +502,36 @@ def test_a_third_party_plugin_cannot_take_a_builtin_name(tmp_path):
 
 def test_ctrl_c_still_prints_one_record(tmp_path):
     """SIGINT mid-run: exit 130, one JSON object with error filled and what was measured before."""
+    # stderr on a terminal, so that the progress bar shows when the timing starts; stdout a pipe, for the record.
+    terminal, child_side = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ablate.cli", "run", "tiny", "--repeats", "100000", "--json"],
+        [sys.executable, "-m", "ablate", "run", "tiny", "--repeats", "100000", "--json"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=child_side,
         text=True,
         # A suite started in the background of a non-interactive shell (`nohup ... &`) ignores SIGINT, and so would
         # the child: give it the default disposition, so that Python turns the signal into KeyboardInterrupt.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    os.close(child_side)
+    shown = b""
     try:
-        # Imports and the tiny build take a few seconds on an idle machine (far more on a loaded one); then it times
-        # for hours. An interrupt during the first imports is Python's (and the libraries') to handle: wait past them.
-        time.sleep(30)
+        deadline = time.monotonic() + 300
+        while b"timing" not in shown:  # past the imports and the build: it would now time for hours
+            assert process.poll() is None and time.monotonic() < deadline, shown.decode(errors="replace")
+            if select.select([terminal], [], [], 0.5)[0]:
+                shown += os.read(terminal, 65536)
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
+        stdout = process.communicate(timeout=120)[0]
     finally:
         process.kill()  # never leave a run timing for hours behind a failed test
+    while select.select([terminal], [], [], 0.5)[0]:
+        try:
+            shown += os.read(terminal, 65536)
+        except OSError:  # the child closed its side
+            break
+    os.close(terminal)
+    stderr = shown.decode(errors="replace")
     assert process.returncode == 130, stderr
     record = json.loads(stdout)
     assert record["error"]["type"] == "KeyboardInterrupt"

@@ -232,7 +232,7 @@ def test_avgpool_fusion_appends_the_pooled_stage_after_the_final_features():
 
 # ----------------------------------------------------------------------------------------- weight files
 
-# timm -> official names inside a module (spec fastvlm.md 3.6), written here independently of the loader.
+# timm -> official names inside a module (ml-fastvlm's mci.py), written here independently of the loader.
 TIMM_TO_OFFICIAL = [
     ("stem.", "patch_embed."),
     ("final_conv.", "conv_exp."),
@@ -251,7 +251,7 @@ PART_ORDER = {"downsample": 0, "pos_emb": 1, "blocks": 2}
 
 def official_names(timm_state, head_width=None):
     """timm FastViT keys -> the official ml-fastvlm / MobileCLIP names: the flat `network` list holds each stage's
-    downsample, RepCPE and blocks in turn; module renames as in the spec; `.gamma` dropped."""
+    downsample, RepCPE and blocks in turn; module renames as in the official code; `.gamma` dropped."""
     found = {(int(m[1]), m[2]) for m in map(STAGE_PART.match, timm_state) if m}
     parts = sorted(found, key=lambda part: (part[0], PART_ORDER[part[1]]))
     network = {f"stages.{stage}.{part}.": f"network.{index}." for index, (stage, part) in enumerate(parts)}

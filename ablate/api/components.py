@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ablate.api.configs import check_literals
+from ablate.api.config_typing import check_literals
 from ablate.api.errors import ConfigError, ImageSizeError
 from ablate.api.preprocessing import Preprocessing, preprocess
 from ablate.api.weights import load_state_dict_strict, read_tensors

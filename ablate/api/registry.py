@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 import ablate.api.hooks as hookspecs
 from ablate.api.components import COMPONENT_BASES, KINDS
-from ablate.api.configs import typed
+from ablate.api.config_typing import typed
 from ablate.api.errors import (
     AblateError,
     ConfigError,

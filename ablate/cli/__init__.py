@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(exc: BaseException, message: str, wants_json: bool, debug: bool) -> None:
     if wants_json:
-        from ablate.measurement.run import failed_record
+        from ablate.measurement.measure import failed_record
 
         record = getattr(exc, "record", None) or failed_record(exc)
         print(json.dumps(record.to_dict()))

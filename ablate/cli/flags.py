@@ -13,14 +13,14 @@ DEFAULT_DB = "results/ablate.db"  # `ablate grid`, `results`, `plot` and `eval -
 
 # name -> argparse options; `help` ends with where the value goes (run.NAME) and its default there.
 RUN_FLAGS: dict[str, dict[str, Any]] = {
-    "warmup": dict(type=int, help="untimed repeats first (run.warmup, default 2)"),
-    "repeats": dict(type=int, help="timed repeats; medians are reported (run.repeats, default 5)"),
+    "warmup": dict(type=int, metavar="N", help="untimed repeats first (run.warmup, default 2)"),
+    "repeats": dict(type=int, metavar="N", help="timed repeats; medians are reported (run.repeats, default 5)"),
     "device": dict(help="cpu, cuda, cuda:N (run.device, default cpu)"),
     "dtype": dict(
         help="float32, bfloat16 or float16 for every component; run.dtypes.KIND=... sets one component's "
         "(run.dtype, default float32)"
     ),
-    "threads": dict(type=int, help="torch CPU threads (run.threads, default: torch's choice)"),
+    "threads": dict(type=int, metavar="N", help="torch CPU threads (run.threads, default: torch's choice)"),
     "mode": dict(help="eager, compile (torch.compile) or cudagraph (CUDA graphs, GPU) (run.mode, default eager)"),
     "memory_format": dict(
         help="contiguous or channels_last for the encoder's convolutions (run.memory_format, default contiguous)"
@@ -28,8 +28,8 @@ RUN_FLAGS: dict[str, dict[str, Any]] = {
     "count_only": dict(
         action="store_const", const=True, help="tokens, params, FLOPs on the meta device; no weights (run.count_only)"
     ),
-    "image": dict(help="a real image file instead of the synthetic one (run.image)"),
-    "seed": dict(type=int, help="seed of random weights, image and prompt (run.seed, default 0)"),
+    "image": dict(metavar="PATH", help="a real image file instead of the synthetic one (run.image)"),
+    "seed": dict(type=int, metavar="N", help="seed of random weights, image and prompt (run.seed, default 0)"),
     "fidelity": dict(
         action="store_const",
         const=True,
@@ -47,7 +47,7 @@ RUN_FLAGS: dict[str, dict[str, Any]] = {
 OTHER_FLAGS: dict[str, dict[str, Any]] = {
     "json": dict(action="store_true", help="print exactly one JSON object (the record) on stdout"),
     "debug": dict(action="store_true", help="print the traceback of an unexpected failure"),
-    "db": dict(default=DEFAULT_DB, help=f"the SQLite results store (default {DEFAULT_DB})"),
+    "db": dict(default=DEFAULT_DB, metavar="PATH", help=f"the SQLite results store (default {DEFAULT_DB})"),
     "wandb": dict(action="store_true", help="log to W&B (also: `wandb: true` in the config)"),
 }
 

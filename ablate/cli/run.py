@@ -8,12 +8,13 @@ from typing import Any
 
 from rich.table import Table
 
+from ablate.api.components import KINDS
 from ablate.api.errors import AblateError, ConfigError
 from ablate.cli.flags import MEASURE_FLAGS, parent, run_options
 from ablate.cli.output import err, out, progress_bar
 
 # `ablate list KIND`: the component kinds, checkpoint formats, and the named files of the preset folders.
-LIST_KINDS = ("encoder", "reducer", "connector", "decoder", "format", "preset", "grid", "claims", "stage")
+LIST_KINDS = (*KINDS, "format", "preset", "grid", "claims", "stage")
 
 
 def add_commands(sub) -> None:
@@ -48,7 +49,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from ablate.measurement.run import measure
+    from ablate.measurement.measure import measure
     from ablate.report.tables import print_record
 
     with progress_bar() as bar:
@@ -102,7 +103,7 @@ def _options(config_cls) -> str:
 
 
 def cmd_list(args) -> int:
-    from ablate.api.components import KINDS, describe
+    from ablate.api.components import describe
     from ablate.api.registry import get_registry
 
     registry = get_registry()

@@ -38,7 +38,7 @@ def run_cell(task: dict[str, Any], progress: Callable[[str, int, int], None] | N
 
     A failed cell is stored with its error; an interrupted one (Ctrl-C) is not stored, so a rerun measures it.
     """
-    from ablate.measurement.run import measure
+    from ablate.measurement.measure import measure
 
     run = dict(task["run"])
     if task.get("device"):

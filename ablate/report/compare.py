@@ -36,7 +36,7 @@ from ablate.config.compose import load_config, read_yaml
 from ablate.config.presets import named_files
 from ablate.config.run_options import DTYPES, RunOptions
 from ablate.measurement.machine import available_memory, check_run_options, cpu_features, device_name
-from ablate.measurement.run import measure
+from ablate.measurement.measure import measure
 from ablate.model.vlm import STAGES
 from ablate.version import DISTRIBUTION
 

@@ -22,8 +22,8 @@ import torch
 from ablate.api.errors import AblateError, ConfigError
 from ablate.api.registry import Registry, get_registry
 from ablate.config.compose import VLMConfig, config_hash, load_config
+from ablate.measurement.measure import failed_record, measure
 from ablate.measurement.record import Accuracy, Record
-from ablate.measurement.run import failed_record, measure
 from ablate.model.build import build
 from ablate.model.vlm import VLM
 from ablate.train.data.llava import Example, open_image, read_examples
