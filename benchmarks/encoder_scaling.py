@@ -53,7 +53,7 @@ def main() -> None:
         (name, encode), *_ = execution.stages
         assert name == "encoder"
         candidates[size] = lambda encode=encode, ctx=execution.ctx: encode(ctx)
-        used[size] = execution.entry["used"]["mode"]
+        used[size] = execution.entry.used.mode
         print(f"prepared {size} px ({used[size]})", flush=True)
     with torch.inference_mode():
         samples = alternate(candidates, repeats=args.repeats, clock=args.clock)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 
 import torch
@@ -73,9 +74,9 @@ def main() -> None:
             )
         row = {
             "variant": spec,
-            "used": execution.entry["used"],
-            "fallbacks": execution.entry["fallbacks"],
-            "setup_s": execution.entry["setup_s"],
+            "used": dataclasses.asdict(execution.entry.used),
+            "fallbacks": execution.entry.fallbacks,
+            "setup_s": execution.entry.setup_s,
             "relative_logit_difference": difference,
             "baseline": timing(samples["baseline"]),
             "variant_timing": timing(samples["variant"]),

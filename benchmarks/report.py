@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -37,7 +38,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     on_gpu = device.startswith("cuda")
     return {
         "device": torch.cuda.get_device_name(torch.device(device)) if on_gpu else cpu_name(),
-        "cpu": None if on_gpu else cpu_features(),
+        "cpu": None if on_gpu else dataclasses.asdict(cpu_features()),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "libraries": library_versions(),

@@ -51,10 +51,10 @@ def main() -> None:
         summary = train("synth-tiny", overrides, data=data, out=run_dir)
         wall = summary["wall_s"] if summary["resumed_from_step"] is None else None
         record = evaluate(run_dir, data=data, repeats=args.repeats, warmup=2, threads=args.threads)
-        record["train_wall_s"] = wall
-        (run_dir / "eval.json").write_text(json.dumps(record, indent=1))
         with Store(args.work / "results.db") as store:
             store.put(eval_key(record), record, label=f"{size} px")
+        record = record.to_dict()
+        (run_dir / "eval.json").write_text(json.dumps({**record, "train_wall_s": wall}, indent=1))
         rows.append((size, record, wall, time.perf_counter() - started))
     print("| input px | visual tokens | exact match | ANLS | chance | TTFT ms (median) | train wall s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

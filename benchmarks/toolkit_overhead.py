@@ -11,6 +11,7 @@ the per-round ratio toolkit / hand (target: <= 1.03 in every mode). The toolkit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 
 import torch
@@ -56,8 +57,8 @@ def main() -> None:
             )
         row = {
             "mode": mode,
-            "used": execution.entry["used"],
-            "fallbacks": execution.entry["fallbacks"],
+            "used": dataclasses.asdict(execution.entry.used),
+            "fallbacks": execution.entry.fallbacks,
             "relative_logit_difference": difference,
             "hand": timing(samples["hand"]),
             "toolkit": timing(samples["toolkit"]),

@@ -14,7 +14,7 @@ from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditiona
 import ablate
 from ablate.api.errors import CheckpointError
 from ablate.api.weights import read_tensors
-from ablate.config.checkpoints import checkpoint_config
+from ablate.config.checkpoint_folders import checkpoint_config
 
 
 def ablate_config(directory):

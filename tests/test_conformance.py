@@ -1,4 +1,4 @@
-"""Every registered component runs through the plugin-author conformance suites in `ablate.testing`.
+"""Every registered component runs through the plugin-author conformance suites in `ablate.api.testing`.
 
 Registering a component enrols it here automatically (timm-style): one test class per component and case, generated
 at collection time from the live registry, so built-ins, the example plugin and any installed third-party plugin are

@@ -60,7 +60,7 @@ def test_example_is_listed_with_its_description():
 
 
 def test_example_passes_its_own_conformance_suite():
-    """What the plugin's author runs in their own repository, with ablate.testing."""
+    """What the plugin's author runs in their own repository, with ablate.api.testing."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
         cwd=EXAMPLE,

@@ -8,10 +8,9 @@ CLI turns into one-paragraph messages, strict weight loading from local files, i
 scores and index helpers of reducers, and lookups of other registered components (for composite ones, like AnyRes
 around a tile encoder). Conformance suites for a plugin's own tests are in `ablate.api.testing` (needs pytest).
 
-Stability: the names exported here (`__all__`) and the behaviour their docstrings describe are the promise.
-Between minor versions (0.3 -> 0.4) names may be added, and an optional parameter or class attribute with a default
-may be added; a name is removed or changed only after one minor version in which it still works and warns. Anything
-not exported here (ablate's other modules, names starting with `_`) may change in any release.
+The names exported here (`__all__`) and the behaviour their docstrings describe are what stays stable between
+minor versions; CONTRIBUTING.md ("The public plugin API and its stability") states the promise. Anything not
+exported here (ablate's other modules, names starting with `_`) may change in any release.
 """
 
 from __future__ import annotations

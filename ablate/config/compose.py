@@ -46,7 +46,7 @@ from ablate.config.run_options import RunOptions
 from ablate.config.train_options import StageConfig, TrainOptions, check_stage, check_train
 
 RUN = "run"
-TRAIN = "train"  # how the config is trained (ablate.train_options); ignored by `ablate run`
+TRAIN = "train"  # how the config is trained (ablate.config.train_options); ignored by `ablate run`
 SECTIONS = KINDS + (RUN, TRAIN)  # top-level keys whose values are nodes of sub-keys
 NOT_HASHED = ("wandb",)  # config keys that change how a run is reported, not what it measures
 
@@ -291,10 +291,6 @@ def _check_top_level_key(key: Any, where: str) -> None:
 # -------------------------------------------------------------------------------------------- typing
 
 
-def _typed_component(kind: str, node: Mapping[str, Any] | None, registry: Registry) -> Any:
-    return registry.component_config(kind, node, kind)[1]
-
-
 def resolve(data: Mapping[str, Any], registry: Registry | None = None, sources: Iterable[str] = ()) -> VLMConfig:
     """Type-check a merged plain-dict config against the registered components."""
     registry = registry or get_registry()
@@ -307,7 +303,7 @@ def _resolve(data: Mapping[str, Any], registry: Registry, sources: Iterable[str]
         _check_top_level_key(key, "top level of the config")
     settings = {key: data[key] for key in SETTING_KEYS if key in data}
     typed_settings = typed(Settings, settings, "config", "the config", "See `ablate show tiny` for an example.")
-    components = {kind: _typed_component(kind, data.get(kind), registry) for kind in KINDS}
+    components = {kind: registry.component_config(kind, data.get(kind), kind)[1] for kind in KINDS}
     run = typed(
         RunOptions,
         _node(RUN, data.get(RUN) or {}, "top level"),
@@ -385,7 +381,7 @@ def load_config(
         raise ConfigError(f"A config is a preset name, a YAML path, a checkpoint directory or a dict, not {source!r}.")
     if not isinstance(source, Mapping) and _is_local_path(str(source)) and Path(source).is_dir():
         # a checkpoint directory describes its model
-        from ablate.config.checkpoints import checkpoint_config
+        from ablate.config.checkpoint_folders import checkpoint_config
 
         source = checkpoint_config(Path(source), registry)
     if isinstance(source, Mapping):

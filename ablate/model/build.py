@@ -14,11 +14,11 @@ import torch
 from ablate.api.components import KINDS, TEXT, Connector, Decoder, TokenReducer, VisionEncoder
 from ablate.api.errors import ConfigError, IncompatibleComponentsError, ResourceError
 from ablate.api.registry import Registry, get_registry
-from ablate.config.checkpoints import read_hf_config
+from ablate.config.checkpoint_folders import read_hf_config
 from ablate.config.compose import VLMConfig, load_config
 from ablate.config.run_options import DTYPES, parse_device
+from ablate.model.loading import load_weights
 from ablate.model.vlm import VLM
-from ablate.model.weights import load_weights
 
 
 @contextmanager

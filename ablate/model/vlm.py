@@ -54,7 +54,7 @@ class VLM(nn.Module):
         self.reducer = reducer
         self.connector = connector
         self.decoder = decoder
-        self.loaded_weights: list[str] = []  # what `build` loaded (see ablate.model.weights), for the record
+        self.loaded_weights: list[str] = []  # what `build` loaded (see ablate.model.loading), for the record
         image_token_id = config.image_token_id
         self.image_token_id = decoder.vocab_size - 1 if image_token_id is None else image_token_id
         if not 0 <= self.image_token_id < decoder.vocab_size:

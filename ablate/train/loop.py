@@ -1,6 +1,6 @@
 """Staged training (`ablate train CONFIG --data DIR --out RUN_DIR`): plain PyTorch, one optimizer per stage.
 
-Each stage (ablate.train_options) builds the model at its resolution (carrying the previous stage's weights),
+Each stage (ablate.config.train_options) builds the model at its resolution (carrying the previous stage's weights),
 freezes every component it does not train (requires_grad off, eval mode so normalization statistics stay put,
 and left out of the optimizer), gives each trained component its own learning rate (AdamW, warm-up then cosine),
 and runs its steps over a LLaVA-format data file. Checkpoints (ablate.train.run_dir) hold the model, the optimizer state and

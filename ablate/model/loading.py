@@ -10,7 +10,7 @@ from ablate.api.components import KINDS
 from ablate.api.errors import CheckpointError
 from ablate.api.registry import Registry, get_registry
 from ablate.api.weights import load_state_dict_strict, read_tensors
-from ablate.config.checkpoints import detect_format
+from ablate.config.checkpoint_folders import detect_format
 
 if TYPE_CHECKING:  # pragma: no cover
     from ablate.model.vlm import VLM

@@ -1,5 +1,5 @@
 """Whole-VLM checkpoint directories as configs, generically: read config.json, ask each registered format whether it
-knows the directory, and turn it into an ablate config whose `weights` point at it. (`ablate.model.weights` loads
+knows the directory, and turn it into an ablate config whose `weights` point at it. (`ablate.model.loading` loads
 the tensors after `build`.)
 
 The layouts themselves (transformers' FastVLM, ml-fastvlm's LLaVA, ...) are `CheckpointFormat` plugins registered
