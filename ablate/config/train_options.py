@@ -9,7 +9,7 @@
 
 A stage says which components learn (the others are frozen: no gradient, not in the optimizer), their learning
 rates, the input resolution (`image_size`; None keeps encoder.image_size), the data file, and how long. Stage
-presets follow FastVLM's recipe (Vasu et al., CVPR 2025, section 4 and its appendix): stage1 trains the connector
+presets follow FastVLM's recipe (Vasu et al., CVPR 2025, arXiv 2412.13303): stage1 trains the connector
 only; stage1_5 (resolution scaling) and stage2 (instruction tuning) train everything.
 
 This module holds the typed options and their checks; `ablate.config.compose` resolves stage presets (a stage

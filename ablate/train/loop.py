@@ -9,7 +9,7 @@ loss curve (metrics.jsonl) continues from that step.
 
 When the reducer offers every nested scale at once (a config option `all_scales`, as Matryoshka's `matryoshka`
 reducer has), training sets it and the loss is M3's: the mean of one LLM loss per scale, the stages after the
-reducer run once per scale (M3, Cai et al. 2024, section 3; mu-cai/matryoshka-mm).
+reducer run once per scale (M3, arXiv 2405.17430; its code: mu-cai/matryoshka-mm).
 """
 
 from __future__ import annotations

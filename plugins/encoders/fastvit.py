@@ -7,7 +7,7 @@ which the released code never shipped. `inference_mode` picks the reparameterize
 multi-branch train form; `reparameterize()` turns the second into the first.
 
 timm builds every block; this module only configures it, runs its stem/stages/final conv, and adds the fusion
-poolings. Sources: the FastVLM paper (Vasu et al., CVPR 2025) section 3 and figure 2; apple/ml-fastvlm
+poolings. Sources: the FastVLM paper (Vasu et al., CVPR 2025, arXiv 2412.13303) and its figure 2; apple/ml-fastvlm
 `llava/model/multimodal_encoder/mobileclip/mci.py` (the official layout and key names); timm `fastvit.py`
 (`fastvit_mci3` is FastViTHD) and its `checkpoint_filter_fn`.
 """

@@ -1,6 +1,6 @@
 """FastV (Chen et al., 2024): drop visual tokens inside the LLM, after layer K, by the attention they receive.
 
-As released (pkunlp-icler/FastV, `src/transformers/models/llama/modeling_llama.py`; Chen et al., 2024, section 4):
+As released (pkunlp-icler/FastV, its `modeling_llama.py`, `fastv_forward`; the paper: arXiv 2403.06764):
 layers 0..K-1 run over every token; the attention map of layer K-1, averaged over heads, is read at the last
 token's row over the visual positions; the top round(N * (1 - R)) visual tokens stay (here `keep_ratio` = 1 - R,
 or a fixed number `tokens`), with all text tokens, and keep their original position ids. Only the prefill prunes.

@@ -2,7 +2,7 @@
 in; PruMerge+ adds spatially spread tokens.
 
 Follows the released code (42Shawn/LLaVA-PruMerge, `llava/model/multimodal_encoder/clip_encoder.py`:
-`token_prune_merge_advanced` and `token_prune_merge_advanced_plus`; the paper: Shang et al., 2024, section 3):
+`token_prune_merge_advanced` and `token_prune_merge_advanced_plus`; the paper: arXiv 2403.15388):
 
 1. Score: CLS->token attention from one layer's queries and keys, one head over all channels (`ablate.api`'s
    `token_scores`, 'cls' with heads='concat'; the timm encoder reads block feature_block + 1, LLaVA's block 23).

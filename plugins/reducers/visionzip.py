@@ -1,7 +1,7 @@
 """VisionZip (Yang et al., 2024): dominant tokens by attention, plus contextual tokens merged by key similarity.
 
-Follows the released code (dvlab-research/VisionZip `visionzip/clip_encoder.py`; the paper: Yang et al., 2024,
-section 3), at a budget `tokens` = dominant + contextual:
+Follows the released code (dvlab-research/VisionZip `visionzip/clip_encoder.py`; the paper: arXiv 2412.04467),
+at a budget `tokens` = dominant + contextual:
 
 1. Dominant: the CLS token itself and the `dominant - 1` visual tokens with the highest CLS attention, the softmax
    taken per head and summed over heads, in their original order (CLS first). Encoders without a CLS take a
