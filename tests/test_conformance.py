@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ablate.api.components import KINDS
+from ablate.api.hooks import KINDS
 from ablate.api.registry import get_registry
 from ablate.api.testing import suite_for
 

@@ -25,9 +25,6 @@ from ablate.api.errors import ConfigError, ImageSizeError
 from ablate.api.preprocessing import Preprocessing, preprocess
 from ablate.api.weights import load_state_dict_strict, read_tensors
 
-# The model's four component kinds, in pipeline order; each is also the config key of its component.
-KINDS = ("encoder", "reducer", "connector", "decoder")
-
 # Well-known extras a stage can ask for. The set is open: a plugin may provide and require any other name, and
 # carry its value in `StageContext.extras[name]`.
 CLS = "cls"  # StageContext.cls: the encoder's class token

@@ -51,13 +51,13 @@ def register_preset_folders(register):
     """Register folders of preset YAML files (`ablate run NAME` finds NAME.yaml there): call register(path)."""
 
 
+# The model's four component kinds, in pipeline order; each is also the config key of its component.
+KINDS = ("encoder", "reducer", "connector", "decoder")
+
 # kind -> hook name; the one place that ties a kind of registered thing to its hook. The first four are the
-# model's components (config keys of the same names); the others are looked up by the core when it needs them.
+# model's components; the others are looked up by the core when it needs them.
 HOOKS = {
-    "encoder": "register_encoders",
-    "reducer": "register_reducers",
-    "connector": "register_connectors",
-    "decoder": "register_decoders",
+    **dict(zip(KINDS, ("register_encoders", "register_reducers", "register_connectors", "register_decoders"))),
     "checkpoint_format": "register_checkpoint_formats",
     "preset_folder": "register_preset_folders",
 }

@@ -28,7 +28,7 @@ import pluggy
 from omegaconf import OmegaConf
 
 import ablate.api.hooks as hookspecs
-from ablate.api.components import COMPONENT_BASES, KINDS
+from ablate.api.components import COMPONENT_BASES
 from ablate.api.config_typing import typed
 from ablate.api.errors import (
     AblateError,
@@ -40,6 +40,7 @@ from ablate.api.errors import (
     out_of_memory,
     unexpected,
 )
+from ablate.api.hooks import KINDS
 from ablate.version import DISTRIBUTION
 
 
@@ -252,6 +253,18 @@ class Registry:
     def versions(self) -> dict[str, str | None]:
         """Every loaded plugin's version (None for plugins that are not installed distributions)."""
         return {name: info.version for name, info in sorted(self.plugins.items()) if not info.error}
+
+
+def component_class(kind: str, name: str, key: str | None = None) -> type:
+    """The class registered as `kind` (encoder, reducer, connector, decoder, checkpoint_format) under `name`; an
+    UnknownComponentError naming the options (and the config `key`, when given) if there is none."""
+    return get_registry().get(kind, name, key)
+
+
+def component_config(kind: str, node: Any, key: str) -> tuple[type, Any]:
+    """The class and typed, resolved Config of a component node ({name: NAME, ...}) that a composite component's
+    own options hold at config key `key` (e.g. 'encoder.tile'), checked as strictly as a top-level component."""
+    return get_registry().component_config(kind, node, key)
 
 
 def _normalized(name: str) -> str:

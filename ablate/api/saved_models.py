@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ablate.api.components import KINDS
 from ablate.api.errors import CheckpointError
+from ablate.api.hooks import KINDS
 
 MODEL_TYPE = "ablate"  # config.json's model_type for ablate's own model folders
 FORMAT_VERSION = 1

@@ -8,8 +8,8 @@ from typing import Any
 
 from rich.table import Table
 
-from ablate.api.components import KINDS
 from ablate.api.errors import AblateError, ConfigError
+from ablate.api.hooks import KINDS
 from ablate.cli.flags import MEASURE_FLAGS, parent, run_options
 from ablate.cli.output import err, out, progress_bar
 

@@ -37,9 +37,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ablate.api.components import KINDS
 from ablate.api.config_typing import typed
 from ablate.api.errors import AblateError, ConfigError, did_you_mean, first_line
+from ablate.api.hooks import KINDS
 from ablate.api.registry import Registry, get_registry, resolving_with
 from ablate.config.presets import named_files, preset_files
 from ablate.config.run_options import RunOptions

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ablate.api.components import KINDS
 from ablate.api.errors import ConfigError
+from ablate.api.hooks import KINDS
 
 
 @dataclass

@@ -41,8 +41,8 @@ from typing import Any
 
 import yaml
 
-from ablate.api.components import KINDS
 from ablate.api.errors import AblateError, ConfigError, did_you_mean
+from ablate.api.hooks import KINDS
 from ablate.api.registry import Registry, get_registry
 from ablate.config.compose import config_hash, load_config, parse_override, read_yaml
 from ablate.config.presets import named_files, preset_files

@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
-from ablate.api.components import KINDS
 from ablate.api.errors import ConfigError, did_you_mean
-from ablate.measurement.record import Record, columns, migrate
+from ablate.api.hooks import KINDS
+from ablate.measurement.record import Record, columns, migrate, value_at
 
 STORE_VERSION = 1
 BUSY_TIMEOUT_S = 120.0  # a writer waits this long for another's transaction before giving up
@@ -92,12 +92,6 @@ def _finite(value: Any) -> Any:
 def _json_path(dotted: str) -> str:
     """'latency_ms.ttft' -> SQLite's JSON path '$."latency_ms"."ttft"'."""
     return "$" + "".join(f'."{part}"' for part in dotted.split("."))
-
-
-def _get(record: dict[str, Any], *path: str) -> Any:
-    for part in path:
-        record = record.get(part) if isinstance(record, dict) else None
-    return record
 
 
 class Store:
@@ -171,7 +165,7 @@ class Store:
         record = _finite(record.to_dict() if isinstance(record, Record) else record)
         names = ["key", "status", "label", "created", *COLUMNS, "record"]
         values = [key, "failed" if record.get("error") else "ok", label, time.time()]
-        values += [_get(record, *path.split(".")) for path in COLUMNS.values()]
+        values += [value_at(record, path) for path in COLUMNS.values()]
         values.append(json.dumps(record, default=str))
         updates = ", ".join(f"{name}=excluded.{name}" for name in names[1:])
         with self._write():

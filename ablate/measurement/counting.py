@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ablate.api.components import KINDS, DecoderPruning, StageContext
+from ablate.api.components import DecoderPruning, StageContext
 from ablate.api.errors import ResourceError
+from ablate.api.hooks import KINDS
 from ablate.config.run_options import RunOptions
 from ablate.measurement.machine import available_memory
 from ablate.model.vlm import STAGES

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ablate.api.components import KINDS
 from ablate.api.errors import ConfigError
+from ablate.api.hooks import KINDS
 from ablate.measurement.record import CpuFeatures, Environment, Record
 from ablate.model.build import check_device
 from ablate.version import DISTRIBUTION, __version__

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from ablate.api.components import DECODER_PRUNING, KINDS, StageContext
+from ablate.api.components import DECODER_PRUNING, StageContext
 from ablate.api.errors import AblateError, PluginFailure, ResourceError, first_line, out_of_memory, unexpected
+from ablate.api.hooks import KINDS
 from ablate.api.preprocessing import load_image, synthetic_image
 from ablate.api.registry import Registry, get_registry
 from ablate.config.compose import VLMConfig, load_config
@@ -100,7 +101,7 @@ def error_info(exc: BaseException, stage: str | None) -> ErrorInfo:
 
 def failed_record(exc: BaseException, stage: str | None = None) -> Record:
     """The record of a run that failed before it started (bad arguments): every field empty, the error filled."""
-    return dataclasses.replace(Record(), error=error_info(exc, stage))
+    return Record(error=error_info(exc, stage))
 
 
 def run_entry(options: RunOptions) -> dict[str, Any]:

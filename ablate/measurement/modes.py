@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from ablate.api.components import KINDS, Attention, StageContext
+from ablate.api.components import Attention, StageContext
 from ablate.api.errors import first_line
+from ablate.api.hooks import KINDS
 from ablate.config.run_options import RunOptions
 from ablate.measurement.machine import cpu_features
 from ablate.measurement.record import Execution, ModeChoice

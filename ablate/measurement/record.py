@@ -328,8 +328,7 @@ def _value(hint: Any, value: Any) -> Any:
     """`value` (JSON) built as the type `hint` says: a record block, a dict or list of them, or as it is."""
     if value is None:
         return None
-    options = [option for option in typing.get_args(hint) if option is not type(None)] if _is_union(hint) else [hint]
-    for option in options:
+    for option in _options(hint):
         origin, args = typing.get_origin(option), typing.get_args(option)
         if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
             return _build(option, value)
@@ -343,8 +342,7 @@ def _value(hint: Any, value: Any) -> Any:
 def _inner(hint: Any) -> tuple[type | None, str]:
     """The record block a field's type holds, and how: (`Peak`, '') for `Peak | None`, (`StageRoofline`, '.STAGE')
     for a dict of them, (`KernelRow`, '.STAGE[]') for a dict of lists of them; (None, '') for plain values."""
-    options = [option for option in typing.get_args(hint) if option is not type(None)] if _is_union(hint) else [hint]
-    for option in options:
+    for option in _options(hint):
         if dataclasses.is_dataclass(option):
             return option, ""
         origin, args = typing.get_origin(option), typing.get_args(option)
@@ -359,8 +357,11 @@ def _inner(hint: Any) -> tuple[type | None, str]:
     return None, ""
 
 
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+def _options(hint: Any) -> list[Any]:
+    """The types a hint allows besides None: [A, B] for `A | B | None`, [A] for `A`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [option for option in typing.get_args(hint) if option is not type(None)]
+    return [hint]
 
 
 def _fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -373,6 +374,14 @@ def _fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Fiel
         block, suffix = _inner(hints[f.name])
         if block is not None:
             yield from _fields(block, f"{path}{suffix}.")
+
+
+def value_at(record: Mapping[str, Any] | None, path: str) -> Any:
+    """The value at a dotted path of a record's JSON form ('latency_ms.ttft'); None where any part is missing."""
+    value: Any = record
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
 
 
 def columns() -> dict[str, str]:

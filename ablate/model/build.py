@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from ablate.api.components import KINDS, TEXT, Connector, Decoder, TokenReducer, VisionEncoder
+from ablate.api.components import TEXT, Connector, Decoder, TokenReducer, VisionEncoder
 from ablate.api.errors import ConfigError, IncompatibleComponentsError, ResourceError
+from ablate.api.hooks import KINDS
 from ablate.api.registry import Registry, get_registry
 from ablate.config.checkpoint_folders import read_hf_config
 from ablate.config.compose import VLMConfig, load_config

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ablate.api.components import KINDS
 from ablate.api.errors import CheckpointError
+from ablate.api.hooks import KINDS
 from ablate.api.registry import Registry, get_registry
 from ablate.api.weights import load_state_dict_strict, read_tensors
 from ablate.config.checkpoint_folders import detect_format

@@ -13,7 +13,6 @@ from torch import nn
 from ablate.api.components import (
     DECODER_PRUNING,
     IGNORE_INDEX,
-    KINDS,
     TEXT,
     Connector,
     Decoder,
@@ -24,6 +23,7 @@ from ablate.api.components import (
     VisionEncoder,
 )
 from ablate.api.errors import ConfigError
+from ablate.api.hooks import KINDS
 from ablate.config.compose import VLMConfig
 
 # The timed stages, in the order of the default pipeline (a reducer after the connector swaps the middle two), and

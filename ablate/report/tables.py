@@ -13,16 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ablate.api.errors import first_line
-from ablate.measurement.record import metrics
+from ablate.measurement.record import metrics, value_at
 from ablate.model.vlm import STAGE_COMPONENT, STAGES
-
-
-def get(record: dict[str, Any] | None, path: str) -> Any:
-    """The value at a dotted path of a record (None where any part is missing)."""
-    value: Any = record
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def _ms(value: Any, digits: int = 1) -> str:
@@ -39,10 +31,10 @@ def headline(record: dict[str, Any]) -> str:
     if error:
         return f"failed: {error.get('type')}: {first_line(error.get('message'), width=160)}"
     parts = [f"{_num(record.get('visual_tokens'))} visual tokens"]
-    ttft = get(record, "latency_ms.ttft")
+    ttft = value_at(record, "latency_ms.ttft")
     if ttft is not None:
         parts.insert(0, f"TTFT {_ms(ttft)} ms")
-    flops = get(record, "flops.total")
+    flops = value_at(record, "flops.total")
     if flops is not None:
         parts.append(f"{flops / 1e9:,.1f} GFLOPs")
     return ", ".join(parts)
@@ -163,11 +155,11 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
         cells += [
             f"[red]{status}[/]" if error else status,
             _num(record.get("visual_tokens")),
-            _ms(get(record, "latency_ms.ttft")),
-            _ms(get(record, "latency_ms.encoder")),
-            _ms(get(record, "latency_ms.prefill")),
-            _num(get(record, "flops.total"), 1e9, 1),
-            _num(get(record, "params.total"), 1e6, 1),
+            _ms(value_at(record, "latency_ms.ttft")),
+            _ms(value_at(record, "latency_ms.encoder")),
+            _ms(value_at(record, "latency_ms.prefill")),
+            _num(value_at(record, "flops.total"), 1e9, 1),
+            _num(value_at(record, "params.total"), 1e6, 1),
             _num(record.get("peak_memory_mb")),
             escape(f"{error.get('type')}: {first_line(error.get('message'), width=90)}") if error else "",
         ]

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 import ablate.train.run_dir as runs
-from ablate.api.components import KINDS, StageContext, TokenLayout, square_grid
+from ablate.api.components import StageContext, TokenLayout, square_grid
 from ablate.api.errors import ConfigError, DataError
+from ablate.api.hooks import KINDS
 from ablate.api.registry import Registry, get_registry
 from ablate.api.saved_models import CONFIG_FILE, MODEL_FILE, read_meta, save_model
 from ablate.config.compose import VLMConfig, load_config
