@@ -2,6 +2,7 @@
 
     import ablate
     record = ablate.measure("fastvlm-0.5b", ["encoder.image_size=512"], repeats=3)   # an ablate.Record
+    planned = ablate.plan("fastvlm-7b")          # params, tokens, FLOPs on the meta device, in a fraction of a second
     vlm = ablate.build("fastvlm-0.5b")                                               # an nn.Module
 
 Plugins import `ablate.api` (see CONTRIBUTING.md), nothing else.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from ablate.version import __version__
 
-__all__ = ["VLM", "Record", "__version__", "build", "from_checkpoint", "load_config", "measure"]
+__all__ = ["VLM", "Record", "__version__", "build", "from_checkpoint", "load_config", "measure", "plan"]
 
 # The entry points above, imported on first use: `import ablate` and the CLI's startup stay light, and torch loads
 # only when a model is needed. Module names differ from these names, so nothing shadows them.
@@ -21,6 +22,7 @@ _LAZY = {
     "from_checkpoint": "ablate.model.build",
     "load_config": "ablate.config.compose",
     "measure": "ablate.measurement.measure",
+    "plan": "ablate.measurement.measure",
     "Record": "ablate.measurement.record",
 }
 

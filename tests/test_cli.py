@@ -78,7 +78,7 @@ def test_7b_in_float32_is_refused_when_it_cannot_fit():
         (["tiny", "encoder=fastvithdd"], "Did you mean 'fastvithd'"),
         (["tiny", "encoder.imagesize=128"], "encoder.imagesize"),
         (["tiny", "encoder.image_size=100"], "multiple of 64"),
-        (["tiny", "reducer=prumerge"], "needs cls from the encoder"),
+        (["tiny", "reducer=prumerge", "reducer.score=cls"], "needs cls from the encoder"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_paragraph(args, expected):

@@ -128,7 +128,7 @@ def test_bad_image_size_fails_at_build():
 
 def test_reducer_needs_are_checked_before_anything_runs():
     with pytest.raises(IncompatibleComponentsError, match="prumerge.*cls"):
-        ablate.build(TINY, ["reducer=prumerge"], meta=True)
+        ablate.build(TINY, ["reducer=prumerge", "reducer.score=cls"], meta=True)
 
 
 def test_prumerge_on_a_vit_with_cls_and_attention():

@@ -57,6 +57,7 @@ def test_the_store_indexes_the_columns_the_definition_names(tmp_path, timed):
     assert columns() == {
         "name": "name",
         "visual_tokens": "visual_tokens",
+        "count_basis": "count_basis",
         "ttft_ms": "latency_ms.ttft",
         "device": "run.device",
         "mode": "run.mode",

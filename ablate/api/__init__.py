@@ -75,9 +75,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
         for name in (
             "SCORES",
             "Score",
-            "check_score",
+            "context_score",
             "merge_keys",
             "offered_scores",
+            "pick_score",
             "positions_of",
             "take_tokens",
             "token_scores",
@@ -87,7 +88,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "component_config": ("registry", "component_config"),
     "SAVED_MODEL_TYPE": ("saved_models", "MODEL_TYPE"),
     "saved_config": ("saved_models", "saved_config"),
-    **{name: ("weights", name) for name in ("load_state_dict_strict", "read_tensors", "renamed_keys")},
+    **{name: ("weights", name) for name in ("load_state_dict_strict", "meta_device", "read_tensors", "renamed_keys")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -161,6 +161,12 @@ class ComponentConfig:
 @dataclass
 class EncoderConfig(ComponentConfig):
     image_size: int = 224
+    # What happens to an image_size the encoder cannot take: 'exact' fails, naming the sizes it can take; 'nearest'
+    # takes the nearest one (ties: the larger), recorded in the record's `choices` and notes.
+    image_size_fit: Literal["exact", "nearest"] = "exact"
+    # Run at the image size that gives exactly this many visual tokens (equal-token sweeps across encoders of
+    # different strides); image_size then only tells the encoder's stride. None: run at image_size.
+    target_tokens: int | None = None
 
 
 @dataclass
@@ -210,6 +216,11 @@ class Component(nn.Module):
         """What a reader of the record must know about how this component runs as built (e.g. a slower attention
         path it needed, or where it reads attention from). Copied into `record["notes"]`."""
         return []
+
+    def choices(self) -> dict[str, Any]:
+        """Options this component settled itself where its config left the choice to it (e.g. `score: auto`), as
+        {option: value used}; the record holds them under `choices` as `KIND.option`. Valid once built."""
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -291,7 +302,9 @@ def check_multiple(encoder_name: str, image_size: int, multiple: int, key: str =
     raise ImageSizeError(
         f"Encoder '{encoder_name}' cannot take image size {image_size} ({key}): it needs a positive multiple of "
         f"{multiple} (its total stride / patch size) so that its patches tile the image exactly. "
-        f"Use {key}={lower}" + (f" or {key}={upper}." if upper != lower else ".")
+        f"Use {key}={lower}" + (f" or {key}={upper}" if upper != lower else "") + f", or {key.rpartition('.')[0]}."
+        "image_size_fit=nearest to take the nearest size it can.",
+        valid=(lower, upper),
     )
 
 
@@ -336,6 +349,12 @@ class TokenReducer(Component):
     def output_layout(self, layout: TokenLayout) -> TokenLayout | None:
         """The layout out for `layout` in; None when the count depends on the image (adaptive methods)."""
         return layout
+
+    def at_upper_bound(self, layout: TokenLayout) -> TokenReducer | None:
+        """For a reducer whose count depends on the image (`output_layout` gives None): a stand-in that hands on the
+        most tokens this one can make of `layout`, by the same steps, so that a run without an image (count-only, a
+        dry run) gives tokens and FLOPs at that upper bound, labelled as such. None: no bound is known."""
+        return None
 
     def check_pipeline(self, encoder: VisionEncoder, connector: Connector, decoder: Decoder) -> None:
         """Raise IncompatibleComponentsError or ConfigError, naming the options, when this reducer cannot run with

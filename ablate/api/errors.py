@@ -45,7 +45,12 @@ class UnknownComponentError(ConfigError):
 
 
 class ImageSizeError(ConfigError):
-    """An encoder cannot take the requested input size."""
+    """An encoder cannot take the requested input size. `valid`: sizes near it that the encoder takes, when the
+    encoder knows them (`encoder.image_size_fit=nearest` picks the nearest)."""
+
+    def __init__(self, message: str, valid: Iterable[int] = ()):
+        super().__init__(message)
+        self.valid = tuple(valid)
 
 
 class IncompatibleComponentsError(ConfigError):

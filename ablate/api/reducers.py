@@ -27,8 +27,11 @@ width^-0.5); `heads="mean"` takes the softmax per head and averages the heads (V
 ranking is the same).
 
 An encoder offers the scores whose needs its `provides` covers; a reducer asking for another one fails at build
-time, listing those on offer (`check_score`). A reducer declares `score: Score = "cls"` in its Config and
-`requires = SCORES[config.score]`.
+time, listing those on offer. `auto` takes the first score the encoder offers in the order above (the released
+methods' CLS attention, then the attention-based substitutes, then the feature-only ones), so one grid can sweep
+encoders with and without a CLS token; the record says which (`choices`). A reducer declares
+`score: Score = "cls"` in its Config, settles it with `pick_score` in `check_pipeline`, and requires
+`SCORES[score]`.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ from ablate.api.components import ATTENTION, CLS, StageContext, VisionEncoder
 from ablate.api.errors import IncompatibleComponentsError
 
 Heads = Literal["concat", "mean"]
-Score = Literal["cls", "mean_query", "attention_received", "mean_similarity", "norm"]
+Score = Literal["auto", "cls", "mean_query", "attention_received", "mean_similarity", "norm"]
 
-# score -> what it needs from the encoder (the module docstring says what each one is)
+# score -> what it needs from the encoder (the module docstring says what each one is), in the order `auto` prefers
 SCORES: dict[str, frozenset[str]] = {
     "cls": frozenset({CLS, ATTENTION}),
     "mean_query": frozenset({ATTENTION}),
@@ -53,7 +56,7 @@ SCORES: dict[str, frozenset[str]] = {
     "mean_similarity": frozenset(),
     "norm": frozenset(),
 }
-assert set(SCORES) == set(typing.get_args(Score)), "Score and SCORES name the same scores"
+assert set(SCORES) | {"auto"} == set(typing.get_args(Score)), "Score and SCORES name the same scores"
 
 
 def offered_scores(encoder: VisionEncoder) -> list[str]:
@@ -61,16 +64,28 @@ def offered_scores(encoder: VisionEncoder) -> list[str]:
     return [name for name, needs in SCORES.items() if needs <= set(encoder.provides)]
 
 
-def check_score(reducer_name: str, score: str, encoder: VisionEncoder) -> None:
-    """Raise IncompatibleComponentsError at build time when `encoder` cannot give `score`, listing the options."""
-    if score in offered_scores(encoder):
-        return
-    missing = ", ".join(sorted(SCORES[score] - set(encoder.provides)))
+def pick_score(reducer_name: str, score: str, encoder: VisionEncoder) -> str:
+    """The score a reducer runs with: `score` itself, checked against what `encoder` offers, or for 'auto' the
+    first score it offers. Raises IncompatibleComponentsError at build time, listing the scores on offer."""
+    offered = offered_scores(encoder)
+    if score == "auto" and offered:
+        return offered[0]
+    if score in offered:
+        return score
+    missing = ", ".join(sorted(SCORES.get(score, frozenset()) - set(encoder.provides)))
     raise IncompatibleComponentsError(
         f"Reducer '{reducer_name}' ranks tokens by the '{score}' score (reducer.score), which needs {missing} from "
         f"the encoder; encoder '{encoder.name}' as configured does not provide it. Scores it offers: "
-        f"{', '.join(offered_scores(encoder))}. Set reducer.score to one of them (each is described in ablate.api.reducers)."
+        f"{', '.join(offered)}. Set reducer.score to one of them, or to auto for the best it offers (each is "
+        f"described in ablate.api.reducers)."
     )
+
+
+def context_score(ctx: StageContext) -> str:
+    """'auto' settled by what a context holds (its CLS token, its attention), for a reducer run on its own, outside
+    `ablate.build` (tests, notebooks), where no encoder was there to ask."""
+    held = ({CLS} if ctx.cls is not None else set()) | ({ATTENTION} if ctx.attention is not None else set())
+    return next(name for name, needs in SCORES.items() if needs <= held)
 
 
 def _split(ctx: StageContext, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,12 +1,15 @@
-"""Reading tensors from local files and loading them strictly, with errors that list what does not match."""
+"""Reading tensors from local files and loading them strictly, with errors that list what does not match; building
+modules on the meta device without initialising values that do not exist."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ablate.api.errors import CheckpointError
 
@@ -130,3 +133,27 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
             f"made for this configuration (sizes, layers, inference vs train form)."
         )
     module.load_state_dict(state_dict, strict=True)
+
+
+# In-place operations that only change values (what weight initialisers run); on a meta tensor, which holds none,
+# they are skipped. Ones that change shape or flags (resize_, requires_grad_, ...) are not in the list.
+_VALUE_ONLY_IN_PLACE = frozenset(
+    {"uniform_", "normal_", "trunc_normal_", "erfinv_", "mul_", "add_", "sub_", "div_", "clamp_", "fill_", "zero_"}
+    | {"copy_", "exp_", "sqrt_", "neg_", "bernoulli_", "random_", "exponential_", "log_", "abs_", "masked_fill_"}
+)
+
+
+class _SkipMetaValues(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _VALUE_ONLY_IN_PLACE and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules on the meta device (shapes only, nothing allocated) without running their weight
+    initialisers, which on meta tensors compute nothing but cost time: a ViT-L builds in milliseconds, not a
+    third of a second. Shapes, parameter counts and FLOPs are the same."""
+    with torch.device("meta"), _SkipMetaValues():
+        yield

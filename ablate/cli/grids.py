@@ -12,7 +12,8 @@ from rich.table import Table
 
 from ablate.api.errors import ConfigError, first_line
 from ablate.cli.flags import MEASURE_FLAGS, parent, run_options
-from ablate.cli.output import err, out
+from ablate.cli.output import err, out, progress_bar
+from ablate.measurement.record import value_at
 
 
 def add_commands(sub) -> None:
@@ -23,7 +24,11 @@ def add_commands(sub) -> None:
     )
     grid.add_argument("config", help="a grid (`ablate list grids`) or grid file, or any config to sweep from")
     grid.add_argument("overrides", nargs="*", help="key=a,b,c sweeps a key; key=value sets it in every cell")
-    grid.add_argument("--dry-run", action="store_true", help="list the cells (and which the store holds); run none")
+    grid.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build every cell on the meta device: its tokens, params, FLOPs or the error it would fail with; run none",
+    )
     grid.add_argument("--rerun", action="store_true", help="measure every cell again, even those the store holds")
     grid.add_argument("--retry-failed", action="store_true", help="measure again the cells stored as failed")
     grid.add_argument("--launcher", default="local", help="local (default), submitit (SLURM) or ray")
@@ -73,7 +78,7 @@ def cmd_grid(args) -> int:
     grid = load_grid(args.config, args.overrides, run_options(args), name=args.name, wandb=args.wandb)
     db = Path(args.db)
     if args.dry_run:
-        return _dry_run(grid, db)
+        return _dry_run(grid, db, args.json)
     display = GridDisplay(err)
     tracker = GridTracker(grid, db) if grid.wandb else None
     try:
@@ -129,21 +134,43 @@ def cmd_grid(args) -> int:
     return 0
 
 
-def _dry_run(grid, db: Path) -> int:
+def _dry_run(grid, db: Path, as_json: bool) -> int:
+    """Plan every cell on the meta device: its tokens, params and FLOPs, or the exact error it would fail with."""
+    from ablate.grid.runner import plan_grid
     from ablate.grid.store import Store
+    from ablate.report.tables import tokens_text
 
     status = {}
     if db.is_file():
         with Store(db) as store:
             status = store.status(cell.key for cell in grid.cells)
+    with progress_bar() as bar:
+        task = bar.add_task("planning the cells on the meta device", total=len(grid.cells))
+        plans = plan_grid(grid, lambda done, _: bar.update(task, completed=done))
+    failing = sum(1 for record in plans if record.get("error"))
+    if as_json:
+        for record in plans:
+            print(json.dumps(record))
+        return 1 if failing else 0
     table = Table(
-        title=escape(f"grid {grid.id}: {len(grid.cells)} cells (dry run: nothing runs)"), title_justify="left"
+        title=escape(f"grid {grid.id}: {len(grid.cells)} cells (dry run: built on the meta device, nothing runs)"),
+        title_justify="left",
     )
-    for column in ("#", "cell", "key", "in the store", "note"):
-        table.add_column(column)
-    for index, cell in enumerate(grid.cells, 1):
-        note = f"will fail: {cell.error}" if cell.error else ""
-        table.add_row(str(index), escape(cell.label), cell.key[:10], status.get(cell.key, "-"), escape(note))
+    for column in ("#", "cell", "visual tok", "GFLOPs", "params M", "in the store", "ran as / would fail with"):
+        table.add_column(column, justify="right" if column in ("#", "visual tok", "GFLOPs", "params M") else "left")
+    for index, (cell, record) in enumerate(zip(grid.cells, plans), 1):
+        error = record.get("error")
+        flops, params = value_at(record, "flops.total"), value_at(record, "params.total")
+        note = ", ".join(f"{key}={value}" for key, value in (record.get("choices") or {}).items())
+        table.add_row(
+            str(index),
+            escape(cell.label),
+            tokens_text(record),
+            "-" if flops is None else f"{flops / 1e9:,.1f}",
+            "-" if params is None else f"{params / 1e6:,.1f}",
+            status.get(cell.key, "-"),
+            f"[red]{escape(error['type'])}: {escape(error['message'])}[/]" if error else escape(note),
+        )
     out.print(table)
     todo = sum(1 for cell in grid.cells if cell.key not in status)
     dropped = []
@@ -151,12 +178,15 @@ def _dry_run(grid, db: Path) -> int:
         dropped.append(f"{grid.excluded} excluded")
     if grid.merged:
         dropped.append(f"{grid.merged} merged with a cell that resolves alike")
+    bounded = sum(1 for record in plans if record.get("count_basis") == "upper bound")
     out.print(
-        f"{todo} to run, {len(grid.cells) - todo} already in {db}" + (f" ({', '.join(dropped)})" if dropped else ""),
+        f"{todo} to run, {len(grid.cells) - todo} already in {db}, {failing} would fail"
+        + (f" ({', '.join(dropped)})" if dropped else "")
+        + (f"; <=N: {bounded} cells decide their tokens by the image (an upper bound)" if bounded else ""),
         highlight=False,
         markup=False,
     )
-    return 0
+    return 1 if failing else 0  # so that `ablate grid G --dry-run && ablate grid G` runs only a sound plan
 
 
 def _slurm_params(items: list[str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ A grid file is YAML:
 On the command line the same follows Hydra's multirun convention: `key=a,b,c` sweeps a key (commas outside
 brackets, braces and quotes separate values) and `key=a` sets it in every cell. `ablate grid CONFIG key=a,b` takes
 any config (preset, YAML or checkpoint directory) as the base; `ablate grid GRID.yaml key=a,b` adds (or replaces) a
-swept key of a grid file.
+swept key of a grid file, and `key=a` on a key the file sweeps narrows that sweep to `a` (a subset of the grid).
 
 A cell is keyed by a hash of its resolved config, `run:` section included (W&B logging is not part of it): two cells
 that resolve alike are one cell, and a results store knows a cell it has seen. A cell whose config does not resolve
@@ -273,6 +273,8 @@ def load_grid(
     sweep = (
         dict(_mapping(data["sweep"], "`sweep:`", "sweep: {encoder.image_size: [256, 512]}")) if "sweep" in data else {}
     )
+    for key in [key for key in fixed_cli if key in sweep]:  # `key=a` on a swept key narrows the sweep to a
+        swept_cli[key] = [fixed_cli.pop(key)]
     sweep.update(swept_cli)  # a key swept on the command line replaces the file's values for it
     for key, values in sweep.items():
         where = "the command line" if key in swept_cli else "`sweep:`"

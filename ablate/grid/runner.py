@@ -52,6 +52,23 @@ def run_cell(task: dict[str, Any], progress: Callable[[str, int, int], None] | N
     return {"key": task["key"], "record": record}
 
 
+def plan_grid(grid: Grid, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Every cell's plan (`ablate.measurement.measure.plan`), in grid order: the model built on the meta device with
+    its tokens, params and FLOPs, or the exact error the cell would fail with. Nothing runs or is stored, and this
+    machine is not checked (a grid of cuda cells plans on a login node)."""
+    from ablate.measurement.measure import plan
+
+    plans = []
+    for index, cell in enumerate(grid.cells):
+        if progress:
+            progress(index, len(grid.cells))
+        try:
+            plans.append(plan(grid.base, cell.overrides, **grid.run).to_dict())
+        except AblateError as exc:
+            plans.append(exc.record.to_dict())
+    return plans
+
+
 # ------------------------------------------------------------------------------------------- launchers
 
 

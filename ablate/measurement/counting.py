@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,17 +42,68 @@ def count_vision(
         for name, stage in vlm.vision_stages():
             if stop_at_unknown and declared[name] is None:
                 break
-            with FlopCounterMode(display=False) as counter:
-                ctx = stage(ctx)
-            flops[name], tokens[name] = counter.get_total_flops(), ctx.num_tokens
+            key = _encoder_key(vlm, ctx) if name == "encoder" else None
+            if key in _ENCODER_COUNTS:
+                flops[name], out = _ENCODER_COUNTS[key]
+                ctx = replace(out, pixel_values=ctx.pixel_values, input_ids=ctx.input_ids, text_embeds=ctx.text_embeds)
+            else:
+                with FlopCounterMode(display=False) as counter:
+                    ctx = stage(ctx)
+                flops[name] = counter.get_total_flops()
+                if key is not None:
+                    _ENCODER_COUNTS[key] = flops[name], ctx
+            tokens[name] = ctx.num_tokens
     return flops, tokens, ctx
+
+
+# The encoder stage on the meta device depends on the encoder's config and input shape alone, and it is the costly
+# one to count: a grid counts each encoder once per process.
+_ENCODER_COUNTS: dict[str, tuple[int, StageContext]] = {}
+
+
+def _encoder_key(vlm, ctx: StageContext) -> str | None:
+    if ctx.pixel_values is None or not ctx.pixel_values.is_meta:
+        return None  # real tensors: the counts may depend on the image
+    encoder = vlm.encoder
+    parts = [type(encoder).__qualname__, dataclasses.asdict(encoder.config), list(ctx.pixel_values.shape)]
+    parts += [str(ctx.pixel_values.dtype), sorted(encoder.requested), ctx.layout.image_size, encoder.input_size]
+    return json.dumps(parts, sort_keys=True, default=str)
 
 
 def count_prefill_flops(
     vlm, batch_size: int, tokens: int, pruning: DecoderPruning | None = None, visual: int = 0
 ) -> int:
     """FLOPs of the LLM prefill over `tokens` positions, on the meta device; with `pruning` (an in-LLM reducer's
-    order), the pruned prefill, its `visual` visual tokens first (LLaVA's prompt order)."""
+    order), the pruned prefill, its `visual` visual tokens first (LLaVA's prompt order).
+
+    A plain prefill's FLOPs are a quadratic in the sequence length (linear layers grow with it, attention with its
+    square), so each decoder config is counted at three lengths once per process and any other length follows
+    exactly; the fit is checked at a fourth length, and a decoder it does not hold for is counted every time."""
+    if pruning is not None:
+        return _prefill_flops(vlm, batch_size, tokens, pruning, visual)
+    key = json.dumps([dataclasses.asdict(vlm.decoder.config), batch_size], sort_keys=True, default=str)
+    if key not in _PREFILL_FIT:
+        at = [_prefill_flops(vlm, batch_size, length) for length in _FIT_LENGTHS]
+        fit = (at[0], at[1] - at[0], at[2] - 2 * at[1] + at[0])  # Newton's forward differences, step 64
+        _PREFILL_FIT[key] = (
+            fit if _quadratic(fit, _CHECK_LENGTH) == _prefill_flops(vlm, batch_size, _CHECK_LENGTH) else None
+        )
+    fit = _PREFILL_FIT[key]
+    return _prefill_flops(vlm, batch_size, tokens) if fit is None else _quadratic(fit, tokens)
+
+
+_FIT_LENGTHS, _CHECK_LENGTH = (64, 128, 192), 320
+_PREFILL_FIT: dict[str, tuple[int, int, int] | None] = {}  # decoder config and batch -> fit (None: not quadratic)
+
+
+def _quadratic(fit: tuple[int, int, int], tokens: int) -> int:
+    """The quadratic through the counts at 64, 128 and 192 positions, at `tokens` positions, in exact integers."""
+    first, step, curve = fit
+    x = tokens - _FIT_LENGTHS[0]  # in units of the 64-token step: x / 64, kept exact by dividing last
+    return first + (x * step) // 64 + (x * (x - 64) * curve) // (2 * 64 * 64)
+
+
+def _prefill_flops(vlm, batch_size: int, tokens: int, pruning: DecoderPruning | None = None, visual: int = 0) -> int:
     embeds = torch.empty(batch_size, tokens, vlm.decoder.hidden_size, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         if pruning is None:

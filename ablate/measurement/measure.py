@@ -21,6 +21,7 @@ from ablate.api.errors import AblateError, PluginFailure, ResourceError, first_l
 from ablate.api.hooks import KINDS
 from ablate.api.preprocessing import load_image, synthetic_image
 from ablate.api.registry import Registry, get_registry
+from ablate.api.weights import meta_device
 from ablate.config.compose import VLMConfig, load_config
 from ablate.config.run_options import RunOptions
 from ablate.measurement.counting import (
@@ -58,14 +59,36 @@ def measure(
     """
     registry = registry or get_registry()
     progress = progress or (lambda *_: None)
+    return _recorded(config, overrides, registry, run_options, lambda *args: _run(*args, registry, progress))
+
+
+def plan(
+    config: str | VLMConfig | Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    *,
+    registry: Registry | None = None,
+    **run_options: Any,
+) -> Record:
+    """What a run of `config` will be, in a fraction of a second and without looking at this machine: the model
+    built on the meta device with its params, tokens and FLOPs (an image-dependent reducer at its upper bound),
+    what ablate chose (`choices`) and the notes; nothing timed, nothing stored. Fails as `measure` does, so a plan
+    names the exact error the run would meet. `ablate grid --dry-run` plans every cell."""
+    registry = registry or get_registry()
+    return _recorded(
+        config, overrides, registry, {**run_options, "count_only": True}, lambda *args: _plan(*args, registry)
+    )
+
+
+def _recorded(config, overrides, registry: Registry, run_options: Mapping[str, Any], body) -> Record:
+    """`body(config, record, where)` on the resolved config; every failure becomes the record's error (see measure)."""
     record = Record()
     where: dict[str, Any] = {"stage": "reading the config", "timer": None}
     try:
         with torch.random.fork_rng(devices=[]), _restore_threads():
             config = load_config(config, overrides, registry, run=run_options)
-            _run(config, record, registry, progress, where)
+            body(config, record, where)
         return record
-    except BaseException as exc:  # every failure becomes a record; see the docstring
+    except BaseException as exc:  # every failure becomes a record; see measure's docstring
         timer = where["timer"]
         stage = f"{where['stage']} ({timer.current} stage)" if timer is not None and timer.current else where["stage"]
         if out_of_memory(exc):
@@ -121,13 +144,28 @@ def image_info(path: str | None, image) -> ImageInfo:
     return info
 
 
-def _run(config: VLMConfig, record: Record, registry: Registry, progress: Progress, where: dict) -> None:
-    options = config.run
+def _describe(config: VLMConfig, record: Record) -> None:
     record.name = config.name
     record.prompt_tokens = config.prompt_tokens
     record.batch_size = config.batch_size
     record.config = config.to_dict()
-    record.execution = requested(options)
+    record.execution = requested(config.run)
+
+
+def _plan(config: VLMConfig, record: Record, where: dict, registry: Registry) -> None:
+    _describe(config, record)
+    if config.run.image:
+        where["stage"] = "reading the image"
+        config = dataclasses.replace(config, input_size=list(load_image(config.run.image).size))
+    where["stage"] = "counting on the meta device"
+    meta_vlm = build(config, meta=True, registry=registry)
+    _, _, vision_out = count_on_meta(record, meta_vlm, config)
+    _count_only_notes(record, meta_vlm, vision_out, config)
+
+
+def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, progress: Progress) -> None:
+    options = config.run
+    _describe(config, record)
     where["stage"] = "checking the machine"
     check_machine(config)  # here, where the run happens: a grid resolved elsewhere fails cell by cell
     device = torch.device(options.device)
@@ -146,13 +184,8 @@ def _run(config: VLMConfig, record: Record, registry: Registry, progress: Progre
         where["stage"] = "counting on the meta device"
         progress("counting on the meta device", 0, 1)
         meta_vlm = build(config, meta=True, registry=registry)
-        record.params = Params(**meta_vlm.params())
-        record.encoder_form = getattr(meta_vlm.encoder, "form", None)
-        meta_ctx = meta_context(meta_vlm, config.batch_size, config.prompt_tokens)
-        flops, tokens, vision_out = count_vision(meta_vlm, meta_ctx)
-        _fill_counts(record, meta_vlm, flops, tokens, config, vision_out)
-        record.notes.extend(note for kind in KINDS for note in getattr(meta_vlm, kind).notes())
-        traffic = _traffic(meta_vlm, meta_ctx, record, config)
+        counted, meta_ctx, vision_out = count_on_meta(record, meta_vlm, config)
+        traffic = _traffic(counted, meta_ctx, record, config)
         peak = device_peak(device, options, record.env.device_name)
         if options.count_only:
             _count_only_notes(record, meta_vlm, vision_out, config)
@@ -195,8 +228,9 @@ def _run(config: VLMConfig, record: Record, registry: Registry, progress: Progre
             where["stage"] = "counting the data-dependent stages"
             with torch.inference_mode():
                 real_flops, real_tokens, vision_out = count_vision(vlm, ctx, stop_at_unknown=False)
-            flops = {**real_flops, "encoder": flops["encoder"]}  # meta counts attention kernels; keep its figure
+            flops = {**real_flops, "encoder": record.flops.encoder}  # meta counts attention kernels; keep its figure
             _fill_counts(record, meta_vlm, flops, real_tokens, config, vision_out)
+            record.count_basis = "measured image"
             with torch.inference_mode():
                 traffic = {**traffic, **vision_bytes(vlm, prepared.ctx, stop_at_unknown=False)}
             traffic.update(_traffic(meta_vlm, None, record, config))
@@ -204,12 +238,53 @@ def _run(config: VLMConfig, record: Record, registry: Registry, progress: Progre
                 f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: token counts "
                 f"and the FLOPs from it on are those of the measured image."
             )
+            if not record.weights:
+                record.notes.append(
+                    f"reducer '{config.reducer.name}' kept {record.tokens.reducer} of {_tokens_before_reducer(record)} "
+                    f"tokens on random weights: a count decided by random attention or features says nothing about "
+                    f"what trained weights keep. Load trained weights for a count that means something."
+                )
         _reducer_notes(record, meta_vlm, vision_out)
         record.roofline = roofline(record, traffic, peak, record.execution)
         if options.fidelity:
             where["stage"] = "measuring fidelity against the model without its reducer"
             progress("measuring fidelity", 0, 1)
             record.fidelity = first_token_fidelity(vlm, prepared.ctx)
+
+
+def count_on_meta(record: Record, meta_vlm: VLM, config: VLMConfig) -> tuple[VLM, StageContext, StageContext]:
+    """Params, tokens and FLOPs of the meta-device VLM into `record`, with what `build` chose and the components'
+    notes. A reducer that decides by the image is counted at its upper bound when it states one (run.count_only: no
+    image to decide by) and left unknown otherwise. Returns the VLM counted, its meta input and the vision output."""
+    record.params = Params(**meta_vlm.params())
+    record.encoder_form = getattr(meta_vlm.encoder, "form", None)
+    record.choices = dict(meta_vlm.choices)
+    record.notes.extend(meta_vlm.choice_notes)
+    record.notes.extend(note for kind in KINDS for note in getattr(meta_vlm, kind).notes())
+    counted = meta_vlm
+    if config.run.count_only and meta_vlm.num_visual_tokens() is None:
+        counted = upper_bound_vlm(meta_vlm) or meta_vlm
+    meta_ctx = meta_context(counted, config.batch_size, config.prompt_tokens)
+    flops, tokens, vision_out = count_vision(counted, meta_ctx)
+    _fill_counts(record, counted, flops, tokens, config, vision_out)
+    if record.visual_tokens is not None:
+        record.count_basis = "config" if counted is meta_vlm else "upper bound"
+    return counted, meta_ctx, vision_out
+
+
+def upper_bound_vlm(meta_vlm: VLM) -> VLM | None:
+    """The meta VLM with its image-dependent reducer replaced by the reducer's upper-bound stand-in, or None."""
+    reducer = meta_vlm.reducer
+    with meta_device():
+        stand_in = reducer.at_upper_bound(reducer.input_layout(meta_vlm.encoder, meta_vlm.connector))
+    if stand_in is None:
+        return None
+    return VLM(meta_vlm.config, meta_vlm.encoder, stand_in, meta_vlm.connector, meta_vlm.decoder)
+
+
+def _tokens_before_reducer(record: Record) -> int | None:
+    names = ["encoder", "connector"] if record.config["reducer"].get("position") == "after_connector" else ["encoder"]
+    return getattr(record.tokens, names[-1])
 
 
 def _fill_counts(
@@ -230,7 +305,13 @@ def _count_only_notes(record: Record, meta_vlm: VLM, vision_out: StageContext, c
     record.notes.append("count-only: nothing was timed and no weights were allocated.")
     if config.run.fidelity:
         record.notes.append("count-only: fidelity needs a real run (run.fidelity was not measured).")
-    if record.visual_tokens is None:
+    if record.count_basis == "upper bound":
+        record.notes.append(
+            f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: without one "
+            f"(count-only) the counts are its upper bound, at most {record.visual_tokens} visual tokens, and the "
+            f"FLOPs from it on are those at that bound; a timed run counts the measured image."
+        )
+    elif record.visual_tokens is None:
         record.notes.append(
             f"reducer '{config.reducer.name}' keeps a number of tokens that depends on the image: its token counts "
             f"and the FLOPs from it on are known only from a timed run."

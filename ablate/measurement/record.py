@@ -251,8 +251,16 @@ class Record:
     schema_version: int = doc("the record's schema (this is 3)", SCHEMA_VERSION, metrics=False)
     name: str | None = doc("the config's name", columns={"name": ""})
     visual_tokens: int | None = doc(
-        "tokens of one image as the LLM receives them (None when a reducer decides by the image and nothing ran)",
+        "tokens of one image as the LLM receives them (for a reducer that decides by the image, run without one: its upper "
+        "bound; see count_basis)",
         columns={"visual_tokens": ""},
+    )
+    count_basis: str | None = doc(
+        "where the token and FLOP counts come from: 'config' (exact, known before running), 'upper bound' (a reducer "
+        "that decides by the image, run without one: at most that many tokens, FLOPs at that bound) or 'measured "
+        "image' (the timed run's image)",
+        metrics=False,
+        columns={"count_basis": ""},
     )
     prompt_tokens: int | None = doc("text tokens of the prompt besides the image")
     batch_size: int | None = doc("images (and prompts) per call")
@@ -279,6 +287,12 @@ class Record:
     )
     env: Environment | None = doc("where it ran", metrics=False)
     config: dict[str, Any] | None = doc("the resolved config, `run:` section included, as asked for", metrics=False)
+    choices: dict[str, Any] = doc(
+        "what ran where the config left the choice to ablate, `KIND.option: value` (`encoder.image_size` under "
+        "`image_size_fit: nearest` or `target_tokens`, `reducer.score` under `auto`); `config` keeps what was asked",
+        factory=dict,
+        metrics=False,
+    )
     fidelity: Fidelity | None = doc("with run.fidelity: first-token agreement and KL against no reduction")
     execution: Execution = doc("how the timed stages ran", factory=Execution)
     roofline: Roofline = doc("each stage against the device's peak", factory=Roofline)

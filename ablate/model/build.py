@@ -3,6 +3,7 @@ together before anything heavy is built, then given the weights its config names
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -15,9 +16,11 @@ from ablate.api.components import TEXT, Connector, Decoder, TokenReducer, Vision
 from ablate.api.errors import ConfigError, IncompatibleComponentsError, ResourceError
 from ablate.api.hooks import KINDS
 from ablate.api.registry import Registry, get_registry
+from ablate.api.weights import meta_device
 from ablate.config.checkpoint_folders import read_hf_config
 from ablate.config.compose import VLMConfig, load_config
 from ablate.config.run_options import DTYPES, parse_device
+from ablate.model.image_size import fitted_size
 from ablate.model.loading import load_weights
 from ablate.model.vlm import VLM
 
@@ -118,9 +121,15 @@ def build(
         with registry.blame(kind, component_config.name, "building it"), default_dtype(dtypes[kind]):
             return classes[kind](component_config, *args)
 
-    with torch.device("meta") if meta else nullcontext():
+    with meta_device() if meta else nullcontext():
         encoder = make("encoder")
         encoder.input_size = config.input_size
+        with registry.blame("encoder", encoder.name, "choosing its image size"):
+            size, size_note = fitted_size(encoder, config.input_size)
+        if size is not None:  # the VLM's config is what runs; the record keeps the config as asked
+            config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, image_size=size))
+            encoder = make("encoder")
+            encoder.input_size = config.input_size
         with registry.blame("encoder", encoder.name, "counting its tokens"):
             encoder.num_tokens()  # rejects an image size the encoder cannot take, before the big decoder is built
         reducer = make("reducer")
@@ -129,6 +138,14 @@ def build(
         check_compatible(encoder, reducer, connector, decoder)
         encoder.request(frozenset(reducer.requires) - {TEXT})
         vlm = VLM(config, encoder, reducer, connector, decoder)
+    if size is not None:
+        vlm.choices["encoder.image_size"] = size
+        vlm.choice_notes.append(size_note)
+    for kind in KINDS:
+        for option, value in getattr(vlm, kind).choices().items():
+            vlm.choices[f"{kind}.{option}"] = value
+            asked = getattr(getattr(config, kind), option, None)
+            vlm.choice_notes.append(f"{kind}.{option}={asked} ran as {value} ({kind} '{getattr(vlm, kind).name}').")
     if not meta:
         vlm.loaded_weights = load_weights(vlm, registry)
         vlm = vlm.to(target)

@@ -55,6 +55,9 @@ class VLM(nn.Module):
         self.connector = connector
         self.decoder = decoder
         self.loaded_weights: list[str] = []  # what `build` loaded (see ablate.model.loading), for the record
+        # What `build` chose where the config left it open ({"encoder.image_size": 252}), and a sentence for each.
+        self.choices: dict[str, Any] = {}
+        self.choice_notes: list[str] = []
         image_token_id = config.image_token_id
         self.image_token_id = decoder.vocab_size - 1 if image_token_id is None else image_token_id
         if not 0 <= self.image_token_id < decoder.vocab_size:

@@ -25,12 +25,18 @@ def _num(value: Any, scale: float = 1.0, digits: int = 0) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{value / scale:,.{digits}f}"
 
 
+def tokens_text(record: dict[str, Any]) -> str:
+    """Visual tokens as a reader should take them: '<=82' when the count is an image-dependent reducer's bound."""
+    text = _num(record.get("visual_tokens"))
+    return f"<={text}" if record.get("count_basis") == "upper bound" else text
+
+
 def headline(record: dict[str, Any]) -> str:
     """A cell's headline figures in a few words."""
     error = record.get("error")
     if error:
         return f"failed: {error.get('type')}: {first_line(error.get('message'), width=160)}"
-    parts = [f"{_num(record.get('visual_tokens'))} visual tokens"]
+    parts = [f"{tokens_text(record)} visual tokens"]
     ttft = value_at(record, "latency_ms.ttft")
     if ttft is not None:
         parts.insert(0, f"TTFT {_ms(ttft)} ms")
@@ -51,7 +57,7 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         mode += f" (asked: {run['mode']})"
     layout = f" {used['memory_format']}" if used["memory_format"] == "channels_last" else ""
     title = (
-        f"{record['name']}: {_num(record['visual_tokens'])} visual + {record['prompt_tokens']} prompt tokens, "
+        f"{record['name']}: {tokens_text(record)} visual + {record['prompt_tokens']} prompt tokens, "
         f"{run['device']} {run['dtype']} {mode}{layout}, {run['threads']} threads"
     )
     table = Table(title=title, title_justify="left")
@@ -154,7 +160,7 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
         cells = [str(index)] + ([row.key[:10]] if show_key else []) + [escape(row.label or record.get("name") or "-")]
         cells += [
             f"[red]{status}[/]" if error else status,
-            _num(record.get("visual_tokens")),
+            tokens_text(record),
             _ms(value_at(record, "latency_ms.ttft")),
             _ms(value_at(record, "latency_ms.encoder")),
             _ms(value_at(record, "latency_ms.prefill")),

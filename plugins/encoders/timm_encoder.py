@@ -22,6 +22,7 @@ Sources: LLaVA-1.5 `llava/model/multimodal_encoder/clip_encoder.py`, LLaVA-NeXT 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -46,6 +47,7 @@ from ablate.api import (
     check_multiple,
     hookimpl,
     load_state_dict_strict,
+    meta_device,
     read_tensors,
 )
 
@@ -64,6 +66,10 @@ class TimmEncoderConfig(EncoderConfig):
     # Fuse multi-branch blocks (FastViT, MobileOne, RepVGG...) into their inference form, as deployed, after any
     # weights load; false keeps (and times) the train form. No effect on models without such blocks.
     reparameterize: bool = True
+
+
+# (encoder class, its config at a size) -> tokens: a pure function of the config, so a grid counts each one once
+_TOKEN_COUNTS: dict[tuple[type, str], int] = {}
 
 
 class TimmEncoder(VisionEncoder):
@@ -118,7 +124,6 @@ class TimmEncoder(VisionEncoder):
                 f"({0 if blocks is None else len(blocks)} attention blocks)."
             )
         self._captured: dict[str, torch.Tensor] = {}
-        self._token_counts: dict[int, int] = {}
 
     @property
     def provides(self) -> frozenset[str]:  # type: ignore[override]
@@ -150,15 +155,17 @@ class TimmEncoder(VisionEncoder):
                 f"{self.config.model_name} was built for {self.config.image_size} px; set encoder.image_size={size} "
                 f"to rebuild it at {size} px."
             )
-        if size not in self._token_counts:  # exact for any timm model: one forward of a meta-device copy
-            with torch.device("meta"):
-                probe = type(self)(dataclasses.replace(self.config, image_size=size))  # subclasses add layers
+        probe_config = dataclasses.replace(self.config, image_size=size)
+        key = (type(self), json.dumps(dataclasses.asdict(probe_config), sort_keys=True, default=str))
+        if key not in _TOKEN_COUNTS:  # exact for any timm model: one forward of a meta-device copy
+            with meta_device():
+                probe = type(self)(probe_config)  # subclasses add layers
             with torch.no_grad():
                 x = torch.empty(1, 3, size, size, device="meta")
                 tokens, prefix = probe._features(x, capture=False)
                 kept_prefix = prefix.shape[1] if prefix is not None and self.config.keep_prefix_tokens else 0
-                self._token_counts[size] = tokens.shape[1] + kept_prefix
-        return self._token_counts[size]
+                _TOKEN_COUNTS[key] = tokens.shape[1] + kept_prefix
+        return _TOKEN_COUNTS[key]
 
     def output_layout(self) -> TokenLayout:
         if self.config.keep_prefix_tokens and self.num_prefix:

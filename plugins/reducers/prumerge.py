@@ -46,9 +46,10 @@ from ablate.api import (
     StageContext,
     TokenLayout,
     TokenReducer,
-    check_score,
+    context_score,
     hookimpl,
     merge_keys,
+    pick_score,
     positions_of,
     take_tokens,
     token_scores,
@@ -58,7 +59,9 @@ from ablate.api import (
 @dataclass
 class PruMergeConfig(ReducerConfig):
     tokens: int | None = None  # fixed budget (summary token included); None: adaptive, by the IQR fence
-    score: Score = "cls"  # what ranks the tokens (ablate.api.reducers); the released code uses the CLS attention
+    # What ranks the tokens (ablate.api.reducers). auto: the CLS attention the released code uses, when the encoder
+    # has a CLS token, else the best substitute it offers (recorded in the record's `choices`).
+    score: Score = "auto"
     k_nn: int = 32  # neighbours merged into each kept token (hard-coded to 32 in the released code)
     iqr_factor: float = 1.5  # upper fence = Q3 + iqr_factor * IQR
 
@@ -79,13 +82,14 @@ class PruMerge(TokenReducer):
             )
         if not (math.isfinite(config.iqr_factor) and config.iqr_factor >= 0):
             raise ConfigError(f"reducer.iqr_factor={config.iqr_factor} must be a finite number >= 0 (1.5 as released).")
+        self.score = None if config.score == "auto" else config.score  # settled against the encoder at build time
 
     @property
     def requires(self) -> frozenset[str]:  # type: ignore[override]
-        return SCORES[self.config.score]
+        return SCORES.get(self.score, frozenset())  # 'auto' is settled by check_pipeline, before this is read
 
     def check_pipeline(self, encoder, connector, decoder) -> None:
-        check_score(self.name, self.config.score, encoder)
+        self.score = pick_score(self.name, self.config.score, encoder)
         super().check_pipeline(encoder, connector, decoder)
 
     def output_layout(self, layout):
@@ -93,10 +97,23 @@ class PruMerge(TokenReducer):
             return None  # adaptive: decided per batch by the IQR fence
         return TokenLayout.unstructured(self.config.tokens, layout.image_size)
 
+    def at_upper_bound(self, layout):
+        if self.config.tokens is not None:
+            return None  # a fixed budget needs no bound
+        return type(self)(replace(self.config, tokens=self.most_kept(layout.num_tokens) + 1, score=self.score))
+
+    def most_kept(self, n: int) -> int:
+        """The most tokens the IQR fence can keep of n per row, for any batch: scores strictly above the fence lie
+        above the linear 75th percentile, so at most ceil((n - 1) / 4) per row (and at least one is kept)."""
+        return max(1, -(-(n - 1) // 4))
+
     def notes(self) -> list[str]:
         if self.config.tokens is None:
             return [f"reducer '{self.name}' decides its token count with one IQR fence over the whole batch."]
         return []
+
+    def choices(self) -> dict[str, str]:
+        return {"score": self.score} if self.config.score == "auto" else {}
 
     # ------------------------------------------------------------------------------------------- steps
 
@@ -116,8 +133,9 @@ class PruMerge(TokenReducer):
         return scores.topk(keep, dim=1).indices
 
     def forward(self, ctx: StageContext) -> StageContext:
+        score = self.score or context_score(ctx)  # None when called outside a built pipeline
         x = ctx.tokens  # (B, N, C), prefix tokens already dropped
-        scores = token_scores(ctx, self.config.score, heads="concat")  # (B, N) float32
+        scores = token_scores(ctx, score, heads="concat")  # (B, N) float32
         kept = self.select(scores)
         keys = F.normalize(merge_keys(ctx, heads="concat").float(), dim=-1)
         tokens = merge(x, scores, keys, kept, self.config.k_nn)
@@ -143,6 +161,15 @@ class PruMergePlus(PruMerge):
     """PruMerge+: PruMerge plus spatially spread tokens (adaptive as released, or at a fixed budget)."""
 
     name = "prumerge-plus"
+
+    def most_kept(self, n: int) -> int:
+        """The top tokens plus the spread positions the fence's stride adds, at their largest over every possible
+        outlier count (batch 1; the union never exceeds the n tokens)."""
+        most = 0
+        for outliers in range(1, super().most_kept(n) + 1):
+            stride = max(1, (n // outliers) // 3)
+            most = max(most, min(n, outliers + len(range(0, n - 1, stride))))
+        return most
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         batch, n = scores.shape

@@ -34,9 +34,10 @@ from ablate.api import (
     StageContext,
     TokenLayout,
     TokenReducer,
-    check_score,
+    context_score,
     hookimpl,
     merge_keys,
+    pick_score,
     positions_of,
     take_tokens,
     token_scores,
@@ -47,7 +48,9 @@ from ablate.api import (
 class VisionZipConfig(ReducerConfig):
     tokens: int = 64  # dominant + contextual tokens the LLM receives
     contextual: int | None = None  # None: round(tokens * 10 / 64), the README's 54 + 10 split
-    score: Score = "cls"  # what picks the dominant tokens (ablate.api.reducers); released: CLS attention over heads
+    # What picks the dominant tokens (ablate.api.reducers). auto: the CLS attention over heads the released code uses,
+    # when the encoder has a CLS token, else the best substitute it offers (recorded in the record's `choices`).
+    score: Score = "auto"
 
 
 class VisionZip(TokenReducer):
@@ -63,6 +66,10 @@ class VisionZip(TokenReducer):
                 f"reducer.contextual={config.contextual} must be between 0 and reducer.tokens - 1 = {config.tokens - 1} "
                 f"(at least one dominant token)."
             )
+        self.score = None if config.score == "auto" else config.score  # settled against the encoder at build time
+
+    def choices(self) -> dict[str, str]:
+        return {"score": self.score} if self.config.score == "auto" else {}
 
     @property
     def contextual(self) -> int:
@@ -71,23 +78,24 @@ class VisionZip(TokenReducer):
 
     @property
     def requires(self) -> frozenset[str]:  # type: ignore[override]
-        return SCORES[self.config.score]
+        return SCORES.get(self.score, frozenset())  # 'auto' is settled by check_pipeline, before this is read
 
     def max_tokens(self, received: int) -> int:
         return received + (CLS in self.requires)  # the CLS token itself is one of the dominant tokens
 
     def check_pipeline(self, encoder, connector, decoder) -> None:
-        check_score(self.name, self.config.score, encoder)
+        self.score = pick_score(self.name, self.config.score, encoder)
         super().check_pipeline(encoder, connector, decoder)
 
     def output_layout(self, layout):
         return TokenLayout.unstructured(self.config.tokens, layout.image_size)
 
     def forward(self, ctx: StageContext) -> StageContext:
+        score = self.score or context_score(ctx)  # None when called outside a built pipeline
         x = ctx.tokens
         batch, n, _ = x.shape
-        scores = token_scores(ctx, self.config.score, heads="mean")
-        uses_cls = self.config.score == "cls"
+        scores = token_scores(ctx, score, heads="mean")
+        uses_cls = score == "cls"
         dominant = self.config.tokens - self.contextual - uses_cls
         kept = scores.topk(dominant, dim=1).indices.sort(dim=1).values  # original order
         parts = [ctx.cls[:, None].to(x.dtype)] if uses_cls else []
