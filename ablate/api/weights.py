@@ -18,15 +18,20 @@ PICKLED = (".bin", ".pt", ".pth")
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a file, or of every *.safetensors file in a directory (sharded checkpoints).
+    """All tensors of a file, or of a directory's weight files (sharded checkpoints).
 
-    Safetensors are read directly; .bin/.pt/.pth only with `weights_only=True` (never unpickle code). A directory
-    without safetensors falls back to HF's `pytorch_model*.bin` shards (not any pickle: optimizer states and
-    training args live there too).
+    Safetensors are read directly; .bin/.pt/.pth only with `weights_only=True` (never unpickle code). In a directory,
+    HF's `model*.safetensors` shards when there are any (an `ablate train` checkpoint keeps its optimizer state in
+    another safetensors file beside them), else every *.safetensors file, else HF's `pytorch_model*.bin` shards (not
+    any pickle: optimizer states and training args live there too).
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        files = (
+            sorted(path.glob("model*.safetensors"))
+            or sorted(path.glob("*.safetensors"))
+            or sorted(path.glob("pytorch_model*.bin"))
+        )
         if not files:
             raise CheckpointError(
                 f"No *.safetensors (or pytorch_model*.bin) weight files in directory {path}. Point at the "

@@ -153,8 +153,8 @@ def cmd_eval(args) -> int:
 
 
 def _store_eval(store, record, path: str) -> None:
-    from ablate.train.evaluation import eval_key
+    from ablate.train.evaluation import eval_key, eval_label
 
     with store:
-        store.put(eval_key(record), record, label=f"eval {record.name}")
+        store.put(eval_key(record), record, label=eval_label(record))
     err.print(f"stored in {path}", highlight=False, markup=False)

@@ -226,6 +226,10 @@ class Accuracy:
     chance: float | None = doc("the chance level the data set states (meta.json), if any")
     split: str | None = doc("the evaluation file")
     data: str | None = doc("the data folder")
+    split_sha256: str | None = doc("sha256 of the evaluation file's bytes: the same name with other records differs")
+    limit: int | None = doc("the first N records scored (`--limit`); None for the whole file (or a limit beyond it)")
+    model: str | None = doc("the model scored: its weights folder (a run folder or checkpoint), else the config's name")
+    step: int | None = doc("the training step those weights are from (an `ablate train` folder), else None")
     skipped: int | None = doc("bad records skipped")
     max_new_tokens: int | None = doc("the longest answer generated")
 

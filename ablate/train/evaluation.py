@@ -10,7 +10,9 @@ similarity, 0 below 0.5 (the DocVQA/TextVQA-style metric); both take the best of
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import statistics
 import string
 from collections.abc import Iterable, Sequence
@@ -29,6 +31,7 @@ from ablate.model.vlm import VLM
 from ablate.train.data.llava import Example, open_image, read_examples
 from ablate.train.data.templates import ChatTemplate, get_template
 from ablate.train.data.tokenizer import encode, load_tokenizer, stop_token_id
+from ablate.train.run_dir import trained_step
 
 ANLS_THRESHOLD = 0.5
 
@@ -162,6 +165,8 @@ def evaluate(
         config = load_config(run_dir, overrides, registry, run=run_options)
         data = Path(data)
         examples, skipped = read_examples(data / split, config.train.image_folder, skip_bad)
+        split_sha256 = hashlib.sha256((data / split).read_bytes()).hexdigest()
+        limit = limit if limit and limit < len(examples) else None  # a limit that cuts nothing is the whole file
         examples = examples[:limit] if limit else examples
         tokenizer_dir = Path(config.train.tokenizer) if config.train.tokenizer else data / "tokenizer"
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -191,6 +196,10 @@ def evaluate(
         chance=_chance(data),
         split=split,
         data=str(data.resolve()),
+        split_sha256=split_sha256,
+        limit=limit,
+        model=config.weights or config.name,
+        step=trained_step(Path(config.weights)) if config.weights else None,
         skipped=skipped.count,
         max_new_tokens=max_new_tokens,
     )
@@ -216,8 +225,29 @@ def _chance(data: Path) -> float | None:
         return None
 
 
+# What an eval row is keyed by, beside the model's config: change any of these and the answers may change, so a
+# results store keeps one row each (and scoring the same model on the same records again replaces its row).
+EVAL_KEY_FIELDS = ("model", "step", "data", "split", "split_sha256", "limit", "max_new_tokens")
+
+
 def eval_key(record: Record) -> str:
-    """The results-store key of an eval record: its resolved config plus the data and split it was scored on (so
-    scoring one model on two splits keeps two rows, and scoring it again replaces its row)."""
+    """The results-store key of an eval record: its resolved config plus `EVAL_KEY_FIELDS` of its accuracy."""
     accuracy = record.accuracy or Accuracy()
-    return config_hash({**(record.config or {}), "eval": [accuracy.data, accuracy.split]})
+    return config_hash({**(record.config or {}), "eval": {name: getattr(accuracy, name) for name in EVAL_KEY_FIELDS}})
+
+
+def eval_label(record: Record) -> str:
+    """Which model on which records, for tables and plots: 'eval synth-tiny @ runs/a on data/test.json (limit 20)'."""
+    accuracy = record.accuracy or Accuracy()
+    label = f"eval {record.name}"
+    if accuracy.model and accuracy.model != record.name:
+        label += f" @ {_short_path(accuracy.model)}"
+    if accuracy.data and accuracy.split:
+        label += f" on {_short_path(os.path.join(accuracy.data, accuracy.split))}"
+    return label + (f" (limit {accuracy.limit})" if accuracy.limit else "")
+
+
+def _short_path(path: str) -> str:
+    """A path below the working folder relative to it (as the user typed it, usually), any other in full."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative

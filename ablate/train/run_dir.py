@@ -87,6 +87,15 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
+def trained_step(directory: Path) -> int | None:
+    """The global step of the model in `directory`: a checkpoint's own, a finished run's last; None for a folder
+    `ablate train` did not write."""
+    if (directory / "state.json").is_file():
+        return json.loads((directory / "state.json").read_text())["step"]
+    checkpoints = list_checkpoints(directory) if (directory / RUN_FILE).is_file() else []
+    return checkpoints[-1].step if checkpoints else None  # the final model is saved with the last step's checkpoint
+
+
 def load_checkpoint(checkpoint: Checkpoint, vlm, optimizer: torch.optim.Optimizer) -> None:
     """Model weights, optimizer state and the RNG state of a checkpoint, into a freshly built model and optimizer."""
     from safetensors.torch import load_file
