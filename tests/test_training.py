@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,55 @@ def test_train_then_eval_round_trip(data, tmp_path):
     assert row.record["accuracy"] == record["accuracy"] and row.record["latency_ms"]["ttft"] > 0
     assert main(["plot", "--db", str(db), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "accuracy_vs_ttft.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def two_runs(data, tmp_path_factory) -> Path:
+    """Two short training runs of one config that differ only in their seed: folders a and b."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in (("a", 0), ("b", 1)):
+        train("synth-tiny", [*QUICK, f"run.seed={seed}"], data=data, out=root / name)
+    return root
+
+
+def test_eval_rows_are_kept_apart_by_model_step_records_and_limit(data, two_runs, tmp_path, monkeypatch):
+    """One store row per (model folder, training step, split file's bytes, --limit); the same eval again replaces."""
+    monkeypatch.chdir(two_runs)  # labels show model folders below the working folder relative to it
+    reordered = tmp_path / "reordered"  # the same file name and images, other bytes: another data set
+    shutil.copytree(data, reordered)
+    records = json.loads((data / "test.json").read_text())
+    (reordered / "test.json").write_text(json.dumps(records[::-1]))
+    db = tmp_path / "r.db"
+    evals = [
+        ("a", data, ["--limit", "2"]),
+        ("a", data, []),
+        ("a", data, ["--limit", "9"]),  # beyond the file's 4 records: the whole file, the row above again
+        ("b", data, []),
+        ("a/checkpoints/step-000004", data, []),  # a checkpoint: its weights, not its optimizer state
+        ("a", reordered, []),
+    ]
+    for folder, data_dir, extra in evals:
+        args = [folder, "--data", str(data_dir), "--repeats", "1", "--warmup", "0", "--db", str(db), *extra]
+        assert main(["eval", *args]) == 0
+    with Store(db, create=False) as store:
+        rows = store.rows()
+    test_json = data / "test.json"
+    assert [row.label for row in rows] == [
+        f"eval synth-tiny @ a on {test_json} (limit 2)",
+        f"eval synth-tiny @ a on {test_json}",
+        f"eval synth-tiny @ b on {test_json}",
+        f"eval synth-tiny @ a/checkpoints/step-000004 on {test_json}",
+        f"eval synth-tiny @ a on {reordered / 'test.json'}",
+    ]
+    accuracy = [row.record["accuracy"] for row in rows]
+    assert [a["n"] for a in accuracy] == [2, 4, 4, 4, 4]
+    assert [a["limit"] for a in accuracy] == [2, None, None, None, None]
+    assert [a["step"] for a in accuracy] == [6, 6, 6, 4, 6]  # 2 + 4 steps; the checkpoint saved at step 4
+    assert [a["model"] for a in accuracy] == [
+        str(two_runs / folder) for folder in ("a", "a", "b", "a/checkpoints/step-000004", "a")
+    ]
+    digest = hashlib.sha256(test_json.read_bytes()).hexdigest()
+    assert [a["split_sha256"] for a in accuracy[:4]] == [digest] * 4 and accuracy[4]["split_sha256"] != digest
 
 
 def test_an_untrained_model_is_not_evaluated(data):
