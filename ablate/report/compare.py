@@ -509,8 +509,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Each cell: the paper's ratio / the one measured here, baseline over FastVLM side (the first system named), "
         "read as what the FastVLM side gains: '3.2× faster' means the baseline takes 3.2× as long, '4× fewer' that it "
-        "has 4× as many; a ratio below 1 is read inverted (0.8 is '1.25× slower'). `~`: an estimate (an LLM cut to "
-        f"fewer layers, its prefill scaled). ⚠: more than {1 + GAP:g}× above or below the paper's (reasons below). "
+        "has 4× as many; a ratio below 1 is read inverted (0.8 is '1.25× slower'). "
+        + ("`~`: an estimate (an LLM cut to fewer layers, its prefill scaled). " if timed else "")
+        + f"⚠: more than {1 + GAP:g}× above or below the paper's (reasons below). "
         "FLOPs: the four stages up to the first token, counted on the meta device.",
         "",
         "| claim | FastVLM side vs baseline | " + " | ".join(m.title for m in METRICS.values()) + " |",
@@ -549,7 +550,7 @@ def markdown(result: dict[str, Any]) -> str:
             summary["system"],
             " ".join([summary["config"], *summary["overrides"]]),
             summary["form"],
-            f"{bound}{summary['visual_tokens']}" if summary["visual_tokens"] else "–",
+            f"{bound}{summary['visual_tokens']:,}" if summary["visual_tokens"] else "–",
             "–" if params is None else f"{params / 1e6:,.1f}",
             flops_text(flops.get("encoder")),
             (bound if flops.get("total") else "") + flops_text(flops.get("total")),
@@ -609,6 +610,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.text(max(left, ttft or 0), y, f"  {label}", va="center", fontsize=8)
     ax.set_yticks(range(len(systems)), [s["system"] for s in systems])
     ax.invert_yaxis()
+    ax.xaxis.set_major_formatter("{x:,.0f}" if timed else "{x:,g}")  # 120,000 ms reads at a glance
     # The legend names each stage; one too thin to see on every bar says so, rather than a swatch with no bar.
     widest = max((sum(v.values()) for v in values.values()), default=0) or 1
     handles = [
