@@ -10,7 +10,7 @@ import pytest
 
 import ablate
 from ablate.cli import main
-from ablate.report.compare import Options, compare, load_claims, markdown
+from ablate.report.compare import Options, compare, load_claims, markdown, oriented, write
 
 TINY_CLAIMS = """
 title: tiny claims
@@ -42,8 +42,63 @@ def test_count_only_writes_table_and_plot(claims_file, tmp_path, capsys):
     ).read_text()
 
 
-def test_timed_ratios_come_from_the_records(claims_file):
+def test_count_only_table_has_flops(claims_file, tmp_path, capsys):
+    assert main(["compare", str(claims_file), "--count-only", "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    small = ablate.measure("tiny", count_only=True).flops.total
+    big = ablate.measure("tiny", ["encoder.image_size=256"], count_only=True).flops.total
+    assert result["claims"][0]["measured"]["flops"] == pytest.approx(big / small)
+    table = (tmp_path / "compare.md").read_text()
+    assert "| FLOPs |" in table.splitlines()[4] and f"{big / small:.3g}× fewer |" in table
+    for name, total in (("small", small), ("big", big)):  # both tiny totals lie between 10 and 100 MFLOPs
+        assert f"| {total / 1e6:.1f} MFLOPs |" in next(
+            line for line in table.splitlines() if line.startswith(f"| {name} |")
+        )
+
+
+GAP_CLAIMS = """
+title: gaps
+systems:
+  small: {config: tiny}
+  big: {config: tiny, overrides: [encoder.image_size=256]}
+  deep: {config: tiny, overrides: ["encoder.layers=[1,1,1,1,4]"]}  # more encoder blocks, as ConvLLaVA's fifth stage
+claims:
+  - {claim: a deeper encoder, fast: small, baseline: deep, paper: {encoder_params: 1.6, tokens: 1.0}}
+  - {claim: big reads more, fast: big, baseline: small, paper: {tokens: 0.25}}
+"""
+
+
+def test_ratios_below_one_read_inverted(tmp_path):
+    assert oriented(0.8, "ttft") == "1.25× slower" and oriented(3.2, "ttft") == "3.2× faster"
+    assert oriented(0.5, "encoder_params") == "2× larger" and oriented(1.0, "tokens") == "equal"
+    path = tmp_path / "gaps.yaml"
+    path.write_text(GAP_CLAIMS)
+    result = compare(load_claims(str(path)), Options(count_only=True))
+    assert result["claims"][1]["measured"]["tokens"] == 4 / 16  # big reads 16 tokens, small 4
+    line = next(line for line in markdown(result).splitlines() if line.startswith("| big reads more |"))
+    assert "| 4× / 4× more |" in line and "0.25" not in line
+
+
+def test_a_paper_gap_is_flagged_from_the_records(tmp_path):
+    path = tmp_path / "gaps.yaml"
+    path.write_text(GAP_CLAIMS)
+    result = compare(load_claims(str(path)), Options(count_only=True))
+    small = ablate.measure("tiny", count_only=True).params.encoder
+    deep = ablate.measure("tiny", ["encoder.layers=[1,1,1,1,4]"], count_only=True).params.encoder
+    assert deep / small > 1.6 * 1.25  # the setup: measured well beyond the paper's 1.6x
+    row = result["claims"][0]
+    gap = row["gaps"]["encoder_params"]
+    assert gap["measured"] == pytest.approx(deep / small) and gap["apart"] == pytest.approx(deep / small / 1.6)
+    assert f"about {1.6 * small / 1e6:,.1f}M; measured {deep / 1e6:,.1f}M" in gap["reason"]
+    assert "tokens" not in row["gaps"] and not result["claims"][1]["gaps"]  # equal token counts: no flag
+    table = markdown(result)
+    assert "smaller ⚠ |" in table and "- a deeper encoder, encoder params: paper 1.6× smaller" in table
+
+
+def test_timed_ratios_come_from_the_records(claims_file, tmp_path):
     result = compare(load_claims(str(claims_file)), Options(repeats=1, warmup=0, threads=1))
+    write(result, tmp_path)  # the timed plot draws too
+    assert (tmp_path / "compare.png").stat().st_size > 1000
     small, big = result["systems"]["small"], result["systems"]["big"]
     assert small["form"] == "float32" and not small["estimate"]
     ratio = result["claims"][0]["measured"]["ttft"]

@@ -12,12 +12,16 @@ purpose, to bound the run time on a slow machine. The claims files shipped with 
 `claims/` subfolder (`ablate compare fastvlm`); any YAML path works too.
 
     title: ...
+    paper_hardware: TEXT                              # where the paper timed (named when latency gaps are flagged)
     layers_key: decoder.overrides.num_hidden_layers   # the override that sets the LLM's depth
     systems:
       NAME: {config: PRESET_OR_PATH, overrides: [key=value, ...], llm_layers: L}
     claims:
       - {claim: TEXT, source: TEXT, fast: NAME, baseline: NAME,
-         paper: {ttft: X, encoder_ms: X, tokens: X, encoder_params: X}}   # any of them; null = not claimed
+         paper: {ttft: X, encoder_ms: X, tokens: X, encoder_params: X, flops: X}}   # any of them; null = not claimed
+
+Every ratio is baseline / FastVLM side, so above 1 the FastVLM side wins; the table reads it oriented ("3.2x faster",
+or for 0.8 "1.25x slower") and flags a measured ratio more than 25% away from the paper's with the likely reason.
 """
 
 from __future__ import annotations
@@ -40,12 +44,23 @@ from ablate.measurement.measure import measure
 from ablate.model.vlm import STAGES
 from ablate.version import DISTRIBUTION
 
-METRICS = {  # metric -> (column title, what it divides)
-    "ttft": ("TTFT", "time to first token"),
-    "encoder_ms": ("encoder latency", "encoder stage"),
-    "tokens": ("visual tokens", "tokens the LLM reads for the image"),
-    "encoder_params": ("encoder params", "vision encoder parameters"),
+
+@dataclass(frozen=True)
+class Metric:
+    title: str  # the column's title
+    what: str  # what the ratio divides
+    better: str  # the word for a ratio above 1 (the FastVLM side has less of it)
+    worse: str  # the word for a ratio below 1, read inverted
+
+
+METRICS = {
+    "ttft": Metric("TTFT", "time to first token", "faster", "slower"),
+    "encoder_ms": Metric("encoder latency", "encoder stage", "faster", "slower"),
+    "tokens": Metric("visual tokens", "tokens the LLM reads for the image", "fewer", "more"),
+    "encoder_params": Metric("encoder params", "vision encoder parameters", "smaller", "larger"),
+    "flops": Metric("FLOPs", "FLOPs of the four stages up to the first token", "fewer", "more"),
 }
+GAP = 0.25  # a measured ratio more than 1.25x above or below the paper's is flagged, with its likely reason
 Progress = Callable[[str], None]
 
 
@@ -73,6 +88,7 @@ class Claims:
     claims: list[Claim]
     layers_key: str | None = None
     path: str = ""
+    paper_hardware: str = ""  # where the paper timed its latencies
 
 
 # ------------------------------------------------------------------------------------------- claims file
@@ -89,7 +105,7 @@ def load_claims(source: str) -> Claims:
         )
     data = read_yaml(path)
     where = f"claims file {path}"
-    _check_keys(data, {"title", "systems", "claims", "layers_key"}, where)
+    _check_keys(data, {"title", "paper_hardware", "systems", "claims", "layers_key"}, where)
     systems = {}
     for name, node in (data.get("systems") or {}).items():
         if not isinstance(node, Mapping) or not isinstance(node.get("config"), str):
@@ -117,7 +133,8 @@ def load_claims(source: str) -> Claims:
         claims.append(
             Claim(str(node.get("claim", "")), node["fast"], node["baseline"], str(node.get("source", "")), paper)
         )
-    return Claims(str(data.get("title") or path.stem), systems, claims, data.get("layers_key"), str(path))
+    title = str(data.get("title") or path.stem)
+    return Claims(title, systems, claims, data.get("layers_key"), str(path), str(data.get("paper_hardware") or ""))
 
 
 def _check_keys(node: Mapping, allowed: set[str], where: str) -> None:
@@ -170,11 +187,13 @@ def compare(claims: Claims, options: Options, progress: Progress | None = None) 
         except AblateError as exc:  # a failing system is a row with its error, not a crashed comparison
             failed = getattr(exc, "record", None)
             results[name] = _summary(name, system, failed and failed.to_dict(), "failed", error=str(exc))
-    rows = [_claim_row(claim, results) for claim in claims.claims]
+    device = _device_name(options.device)
+    rows = [_claim_row(claim, results, device, claims.paper_hardware) for claim in claims.claims]
     return {
         "title": claims.title,
         "claims_file": claims.path,
-        "device": _device_name(options.device),
+        "paper_hardware": claims.paper_hardware or None,
+        "device": device,
         "mode": "count-only" if options.count_only else "eager",
         "options": dataclasses.asdict(options),
         "systems": results,
@@ -320,6 +339,7 @@ def _summary(name, system, record, form, note=None, error=None, timed=None) -> d
         "form": form,
         "estimate": False,
         "visual_tokens": record.get("visual_tokens"),
+        "count_basis": source.get("count_basis"),
         "encoder_params": (record.get("params") or {}).get("encoder"),
         "params": (record.get("params") or {}).get("total"),
         "flops": record.get("flops") or {},
@@ -330,33 +350,111 @@ def _summary(name, system, record, form, note=None, error=None, timed=None) -> d
     }
 
 
+def _value(summary: dict[str, Any], metric: str) -> float | None:
+    """The figure of one system that a metric's ratio divides."""
+    return {
+        "ttft": summary["latency_ms"]["ttft"],
+        "encoder_ms": summary["latency_ms"]["encoder"],
+        "tokens": summary["visual_tokens"],
+        "encoder_params": summary["encoder_params"],
+        "flops": summary["flops"].get("total"),
+    }[metric]
+
+
 def _ratio(baseline, fast) -> float | None:
     return baseline / fast if baseline is not None and fast else None
 
 
-def _claim_row(claim: Claim, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _claim_row(claim: Claim, results: dict[str, dict[str, Any]], device: str = "", paper_hardware: str = "") -> dict:
     fast, base = results.get(claim.fast), results.get(claim.baseline)
     measured: dict[str, float | None] = dict.fromkeys(METRICS)
     if fast and base:
-        measured = {
-            "ttft": _ratio(base["latency_ms"]["ttft"], fast["latency_ms"]["ttft"]),
-            "encoder_ms": _ratio(base["latency_ms"]["encoder"], fast["latency_ms"]["encoder"]),
-            "tokens": _ratio(base["visual_tokens"], fast["visual_tokens"]),
-            "encoder_params": _ratio(base["encoder_params"], fast["encoder_params"]),
-        }
+        measured = {key: _ratio(_value(base, key), _value(fast, key)) for key in METRICS}
     estimate = any(r and r["estimate"] for r in (fast, base))
     missing = [name for name in (claim.fast, claim.baseline) if name not in results]
+    paper = {key: claim.paper.get(key) for key in METRICS}
+    gaps = {}
+    for key in METRICS:
+        if not (paper[key] and measured[key]):
+            continue
+        apart = max(measured[key] / paper[key], paper[key] / measured[key])  # the same read either way round
+        if apart > 1 + GAP:
+            gaps[key] = {
+                "paper": paper[key],
+                "measured": measured[key],
+                "apart": apart,
+                "reason": _likely_reason(key, paper[key], fast, base, device, paper_hardware),
+            }
     return {
         "claim": claim.claim,
         "source": claim.source,
         "fast": claim.fast,
         "baseline": claim.baseline,
-        "paper": {key: claim.paper.get(key) for key in METRICS},
+        "paper": paper,
         "measured": measured,
         "estimate": estimate,
+        "gaps": gaps,
         "forms": {name: results[name]["form"] for name in (claim.fast, claim.baseline) if name in results},
         "note": f"not measured: {', '.join(missing)} left out (--systems)" if missing else None,
     }
+
+
+def _likely_reason(key: str, paper: float, fast: dict, base: dict, device: str, paper_hardware: str) -> str:
+    """Why a measured ratio may sit far from the paper's, from what the two records say."""
+    if key in ("tokens", "encoder_params"):
+        # Which side differs cannot be told from a ratio; what the paper implies for the baseline, given the
+        # FastVLM side as measured, usually shows it (e.g. a baseline counted without one of its stages).
+        show = (lambda n: f"{n / 1e6:,.1f}M") if key == "encoder_params" else (lambda n: f"{n:,.0f}")
+        what = "encoder" if key == "encoder_params" else "visual tokens"
+        text = (
+            f"With {fast['system']}'s {what} at {show(_value(fast, key))} as measured, the paper's {paper:.3g}× puts "
+            f"{base['system']}'s at about {show(paper * _value(fast, key))}; measured {show(_value(base, key))}. "
+        )
+        if key == "encoder_params":
+            return text + (
+                "Likely a different variant or config, or another counting convention (a stage or head the paper "
+                "counts or leaves out)."
+            )
+        bound = [s["system"] for s in (fast, base) if s.get("count_basis") == "upper bound"]
+        return text + (
+            "Likely another input resolution or reducer setting, or another token convention (CLS, image-newline "
+            "tokens)." + (f" Counted here as an upper bound: {', '.join(bound)}." if bound else "")
+        )
+    if key == "flops":
+        return (
+            "Likely a counting convention (a multiply-add as one FLOP or two; attention counted here as full "
+            "T×T on the meta device, not causal) or another resolution."
+        )
+    dtypes = ", ".join(dict.fromkeys(s["form"].split(",")[0] for s in (fast, base)))
+    threads = ", ".join(dict.fromkeys(str(s["threads"]) for s in (fast, base) if s["threads"]))
+    parts = [
+        f"Timed here on {device} in {dtypes}"
+        + (f" with {threads} thread(s)" if threads else "")
+        + (f", the paper on {paper_hardware}" if paper_hardware else "")
+        + ": latency ratios move with the hardware, the precision and the kernels each runs fast."
+    ]
+    stage = "encoder" if key == "encoder_ms" else "total"
+    by_flops = _ratio(base["flops"].get(stage), fast["flops"].get(stage))
+    if by_flops:  # what the work alone predicts, against which the measured ratio shows the hardware's hand
+        what = "the encoders' FLOPs" if stage == "encoder" else "the FLOPs up to the first token"
+        parts.append(f"{what[0].upper()}{what[1:]} alone would make the FastVLM side {oriented(by_flops, key)}.")
+    if key == "ttft":
+        shares = [
+            f"{s['system']} {s['latency_ms']['encoder'] / s['latency_ms']['ttft']:.0%}"
+            for s in (fast, base)
+            if s["latency_ms"]["encoder"] and s["latency_ms"]["ttft"]
+        ]
+        if shares:
+            parts.append(f"The encoder's share of TTFT here: {', '.join(shares)}.")
+        if fast["estimate"] or base["estimate"]:
+            parts.append("TTFT here is an estimate (an LLM cut to fewer layers, its prefill scaled).")
+    adaptive = [s["system"] for s in (fast, base) if s.get("count_basis") == "measured image"]
+    if adaptive:
+        parts.append(
+            f"{', '.join(adaptive)} keep(s) tokens by the image: on random weights that count, and its latency, "
+            "say nothing about trained weights."
+        )
+    return " ".join(parts)
 
 
 def _device_name(device: str) -> str:
@@ -366,10 +464,37 @@ def _device_name(device: str) -> str:
 # ------------------------------------------------------------------------------------------- reporting
 
 
-def _x(value: float | None, estimate: bool = False) -> str:
+def oriented(value: float | None, metric: str, estimate: bool = False) -> str:
+    """A ratio baseline / FastVLM side in words: 3.2 is '3.2× faster'; below 1 the FastVLM side is behind, read
+    inverted: 0.8 is '1.25× slower'."""
     if value is None:
         return "–"
-    return f"{'~' if estimate else ''}{value:.3g}×"
+    prefix = "~" if estimate else ""
+    if round(value, 2) == 1:
+        return f"{prefix}equal"
+    if value > 1:
+        return f"{prefix}{value:.3g}× {METRICS[metric].better}"
+    return f"{prefix}{1 / value:.3g}× {METRICS[metric].worse}"
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    """'paper / measured', the word once when both read the same way: '3.2× / ~2.47× faster'."""
+    paper = oriented(row["paper"][key], key)
+    measured = oriented(row["measured"][key], key, row["estimate"] and key == "ttft")
+    head, _, word = paper.rpartition(" ")
+    if head and measured.endswith(f" {word}"):
+        paper = head
+    return f"{paper} / {measured}" + (" ⚠" if key in row["gaps"] else "")
+
+
+def flops_text(value: float | None) -> str:
+    if value is None:
+        return "–"
+    for scale, unit in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")):
+        if value >= scale:
+            number = value / scale  # three significant digits: 3.00, 16.5, 487
+            return f"{number:,.{2 if number < 10 else 1 if number < 100 else 0}f} {unit}"
+    return f"{value:,.0f} FLOPs"
 
 
 def _ms(value: float | None, estimate: bool = False) -> str:
@@ -377,80 +502,152 @@ def _ms(value: float | None, estimate: bool = False) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The claims table, then the systems table, as Markdown."""
+    """The claims table, the gaps between paper and measurement with their likely reasons, then the systems table."""
+    timed = result["mode"] != "count-only"
     lines = [
         f"## {result['title']}: re-measured on {result['device']} ({result['mode']})",
         "",
-        "Ratios are baseline / FastVLM-side (times faster, fewer, smaller): paper / measured here. "
-        "`~` marks an estimate (an LLM cut to fewer layers, its prefill scaled).",
+        "Each cell: the paper's ratio / the one measured here, baseline over FastVLM side (the first system named), "
+        "read as what the FastVLM side gains: '3.2× faster' means the baseline takes 3.2× as long, '4× fewer' that it "
+        "has 4× as many; a ratio below 1 is read inverted (0.8 is '1.25× slower'). "
+        + ("`~`: an estimate (an LLM cut to fewer layers, its prefill scaled). " if timed else "")
+        + f"⚠: more than {1 + GAP:g}× above or below the paper's (reasons below). "
+        "FLOPs: the four stages up to the first token, counted on the meta device.",
         "",
-        "| claim | systems | " + " | ".join(title for title, _ in METRICS.values()) + " | device | mode |",
-        "|---|---|" + "---|" * len(METRICS) + "---|---|",
+        "| claim | FastVLM side vs baseline | " + " | ".join(m.title for m in METRICS.values()) + " |",
+        "|---|---|" + "---|" * len(METRICS),
     ]
     for row in result["claims"]:
-        cells = [
-            f"{_x(row['paper'][key])} / {_x(row['measured'][key], row['estimate'] and key == 'ttft')}"
-            for key in METRICS
-        ]
-        systems = f"{row['fast']} vs {row['baseline']}"
         claim = row["claim"] + (f" ({row['note']})" if row["note"] else "")
-        lines.append(f"| {claim} | {systems} | " + " | ".join(cells) + f" | {result['device']} | {result['mode']} |")
-    lines += [
-        "",
-        "| system | config | form | visual tokens | encoder params (M) | encoder ms | prefill ms | TTFT ms | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        cells = " | ".join(_cell(row, key) for key in METRICS)
+        lines.append(f"| {claim} | {row['fast']} vs {row['baseline']} | {cells} |")
+    gaps = [(row, key, gap) for row in result["claims"] for key, gap in row["gaps"].items()]
+    if gaps:
+        lines += ["", f"⚠ Measured more than {1 + GAP:g}× above or below the paper, with the likely reason:", ""]
+        for row, key, gap in gaps:
+            estimate = row["estimate"] and key == "ttft"
+            lines.append(
+                f"- {row['claim']}, {METRICS[key].title}: paper {oriented(gap['paper'], key)}, here "
+                f"{oriented(gap['measured'], key, estimate)} ({gap['apart']:.3g}× apart). {gap['reason']}"
+                + (f" Paper source: {row['source']}." if row["source"] else "")
+            )
+    latency = ["encoder ms", "prefill ms", "TTFT ms"] if timed else []
+    columns = [
+        "system",
+        "config",
+        "form",
+        "visual tokens",
+        "encoder params (M)",
+        "encoder FLOPs",
+        "FLOPs to first token",
     ]
+    columns += latency + ["note"]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for summary in result["systems"].values():
-        latency, estimate = summary["latency_ms"], summary["estimate"]
-        params = summary["encoder_params"]
-        config = " ".join([summary["config"], *summary["overrides"]])
-        note = "; ".join(filter(None, [summary["note"], summary["error"]]))
-        lines.append(
-            f"| {summary['system']} | {config} | {summary['form']} | {summary['visual_tokens'] or '–'} | "
-            f"{'–' if params is None else f'{params / 1e6:,.1f}'} | {_ms(latency['encoder'])} | "
-            f"{_ms(latency['prefill'], estimate)} | {_ms(latency['ttft'], estimate)} | {note} |"
-        )
+        params, flops = summary["encoder_params"], summary["flops"]
+        bound = "≤" if summary.get("count_basis") == "upper bound" else ""
+        cells = [
+            summary["system"],
+            " ".join([summary["config"], *summary["overrides"]]),
+            summary["form"],
+            f"{bound}{summary['visual_tokens']:,}" if summary["visual_tokens"] else "–",
+            "–" if params is None else f"{params / 1e6:,.1f}",
+            flops_text(flops.get("encoder")),
+            (bound if flops.get("total") else "") + flops_text(flops.get("total")),
+        ]
+        if timed:
+            ms, estimate = summary["latency_ms"], summary["estimate"]
+            cells += [_ms(ms["encoder"]), _ms(ms["prefill"], estimate), _ms(ms["ttft"], estimate)]
+        cells.append("; ".join(filter(None, [summary["note"], summary["error"]])))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Horizontal stacked bars per system: TTFT split into stages (or, counted only, GFLOPs per stage)."""
+    """Horizontal stacked bars per system: the stages each timed alone, stacked (their sum), with the TTFT timed as
+    one call marked on each bar; counted only, the FLOPs of each stage up to the first token."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     systems = list(result["systems"].values())
     timed = result["mode"] != "count-only" and any(s["latency_ms"]["ttft"] for s in systems)
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(systems) + 1.6))
+    unit, scale = "ms", 1.0
+    if not timed:  # one unit for the axis, the largest that keeps the biggest bar above 10
+        largest = max((s["flops"].get("total") or 0 for s in systems), default=0)
+        unit, scale = next(
+            ((u, f) for u, f in (("TFLOPs", 1e12), ("GFLOPs", 1e9)) if largest >= 10 * f), ("MFLOPs", 1e6)
+        )
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(systems) + 1.8), layout="constrained")
     colors = dict(zip(STAGES, ("#4C72B0", "#DD8452", "#55A868", "#C44E52")))
+    values = {
+        s["system"]: {
+            stage: (s["latency_ms"][stage] if timed else (s["flops"].get(stage) or 0) / scale) or 0.0
+            for stage in STAGES
+        }
+        for s in systems
+    }
     for y, summary in enumerate(systems):
         left = 0.0
-        for stage in STAGES:
-            value = summary["latency_ms"][stage] if timed else (summary["flops"].get(stage) or 0) / 1e9
-            value = value or 0.0
+        for stage, value in values[summary["system"]].items():
             hatch = "//" if timed and stage == "prefill" and summary["estimate"] else None
-            ax.barh(
-                y,
-                value,
-                left=left,
-                color=colors[stage],
-                hatch=hatch,
-                edgecolor="white",
-                label=stage if y == 0 else None,
-            )
+            ax.barh(y, value, left=left, color=colors[stage], hatch=hatch, edgecolor="white")
             left += value
-        label = f"{left:,.0f}" + (" (estimate)" if timed and summary["estimate"] else "")
-        if summary["error"] or (timed and not summary["latency_ms"]["ttft"]):
+        ttft = summary["latency_ms"]["ttft"]
+        bound = "≤" if summary.get("count_basis") == "upper bound" else ""
+        tokens = f"{bound}{summary['visual_tokens']:,} tokens" if summary["visual_tokens"] else "tokens –"
+        if summary["error"] or (timed and not ttft):
             label = "not timed: " + ("failed" if summary["error"] else summary["form"])
-        ax.text(left, y, f" {label}", va="center", fontsize=8)
+        elif timed:
+            tilde = "~" if summary["estimate"] else ""
+            label = f"stage sum {tilde}{left:,.0f} ms, TTFT {tilde}{ttft:,.0f} ms, {tokens}"
+            ax.plot([ttft], [y], marker="|", markersize=20, markeredgewidth=2.5, color="black")
+        else:
+            label = f"{bound}{flops_text(summary['flops'].get('total'))}, {tokens}"
+        ax.text(max(left, ttft or 0), y, f"  {label}", va="center", fontsize=8)
     ax.set_yticks(range(len(systems)), [s["system"] for s in systems])
     ax.invert_yaxis()
-    ax.set_xlabel("milliseconds (TTFT by stage; hatched: scaled estimate)" if timed else "GFLOPs by stage (counted)")
+    ax.xaxis.set_major_formatter("{x:,.0f}" if timed else "{x:,g}")  # 120,000 ms reads at a glance
+    # The legend names each stage; one too thin to see on every bar says so, rather than a swatch with no bar.
+    widest = max((sum(v.values()) for v in values.values()), default=0) or 1
+    handles = [
+        Patch(
+            color=colors[stage],
+            label=stage if any(v[stage] >= 0.01 * widest for v in values.values()) else f"{stage} (<1%, not visible)",
+        )
+        for stage in STAGES
+    ]
+    if timed:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="|",
+                markersize=10,
+                markeredgewidth=2,
+                color="black",
+                linestyle="",
+                label="TTFT, timed as one call",
+            )
+        )
+        if any(s["estimate"] for s in systems):
+            handles.append(
+                Patch(
+                    facecolor="#C44E52",
+                    hatch="//",
+                    edgecolor="white",
+                    label="prefill scaled from an LLM cut to fewer layers (estimate)",
+                )
+            )
+        ax.set_xlabel("milliseconds, lower is faster; bars: the four stages each timed alone, stacked (the stage sum)")
+    else:
+        ax.set_xlabel(f"{unit} up to the first token by stage, counted on the meta device (fewer is cheaper)")
     ax.set_title(f"{result['title']}: {result['device']}, {result['mode']}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.margins(x=0.25)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    ax.margins(x=0.45 if timed else 0.3)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
