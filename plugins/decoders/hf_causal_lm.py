@@ -256,7 +256,7 @@ def architecture_config(arch: str, overrides: dict[str, Any] | None = None):
         )
     architecture = ARCHITECTURES[arch]
     check_overrides(architecture.model_type, overrides or {}, known=set(architecture.values))
-    return _checked_sizes(AutoConfig.for_model(architecture.model_type, **architecture.values, **(overrides or {})))
+    return _checked_sizes(AutoConfig.for_model(architecture.model_type, **{**architecture.values, **(overrides or {})}))
 
 
 def same_shape(model_type: str | None, values: Callable[[str], Any]) -> str | None:
@@ -350,8 +350,8 @@ def _checked_sizes(hf_config):
 
 
 # Model types whose base model feeds inputs_embeds unchanged through its layers, then a final norm, with RoPE and one
-# causal mask for every layer: `prefill_pruned` runs their layers itself (tested on both).
-PRUNABLE_MODEL_TYPES = ("llama", "qwen2")
+# causal mask for every layer: `prefill_pruned` runs their layers itself (tested on each).
+PRUNABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 class HFCausalLM(Decoder):
