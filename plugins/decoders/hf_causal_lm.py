@@ -300,7 +300,7 @@ def local_config(path: str, overrides: dict[str, Any]):
 
 
 def _first_sentence(exc: Exception) -> str:
-    return str(exc).strip().split("\n")[0].rstrip(".")
+    return str(exc).strip().split("\n")[0].split(". ")[0].rstrip(".")
 
 
 def check_overrides(model_type: str, overrides: dict[str, Any], known: set[str] = frozenset()) -> None:
