@@ -156,3 +156,13 @@ def test_overrides_apply_to_a_local_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_CONFIGS["qwen3-0.6b"]))
     vlm = ablate.build("tiny", [f"decoder.config={tmp_path}", "decoder.overrides.num_hidden_layers=2"], meta=True)
     assert vlm.decoder.num_layers == 2 and vlm.config.decoder.arch == "custom"  # no longer Qwen3-0.6B's shape
+
+
+def test_ablate_list_decoders_names_every_architecture(capsys):
+    from ablate.cli import main
+
+    assert main(["list", "decoders"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder.arch of hf-causal-lm" in out
+    for name, architecture in ARCHITECTURES.items():
+        assert name in out and architecture.source in out, name
