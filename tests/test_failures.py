@@ -43,6 +43,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "a.yaml").write_text("base: b.yaml\n")
     (root / "b.yaml").write_text("base: a.yaml\n")
     (root / "not-an-image.png").write_text("hello")
+    (root / "resnet.json").write_text('{"model_type": "resnet"}')  # a transformers model, but no causal LM
+    (root / "llava-qwen2.json").write_text('{"model_type": "llava_qwen2"}')  # ml-fastvlm's type: not transformers'
     grids = {
         "grid-unknown-key": "base: tiny\nsweep: {prompt_tokens: [4, 8]}\nsweeps: {batch_size: [1, 2]}\n",
         "grid-empty-sweep": "base: tiny\nsweep: {prompt_tokens: []}\n",
@@ -125,6 +127,12 @@ BAD_INPUT = [
     (["run", "tiny", "decoder.overrides.hidden_size=65"], 2, "not divisible by num_attention_heads"),
     (["run", "tiny", "decoder.arch=qwen3"], 2, "Unknown decoder architecture 'qwen3'"),
     (["run", "tiny", "decoder.weights={root}", "--count-only"], 2, "not a transformers model directory"),
+    (["run", "tiny", "decoder.config={root}/missing.json", "--count-only"], 2, "there is no file"),
+    (["run", "tiny", "decoder.config={root}", "--count-only"], 2, "config.json of a causal LM (or the folder"),
+    (["run", "tiny", "decoder.config={root}/not-an-image.png"], 2, "is not a config.json transformers can read"),
+    (["run", "tiny", "decoder.config={list_checkpoint}"], 2, "Unrecognized model in"),
+    (["run", "tiny", "decoder.config={root}/llava-qwen2.json"], 2, "does not recognize this architecture"),
+    (["run", "tiny", "decoder.config={root}/resnet.json"], 2, "transformers cannot build as a causal LM"),
     (["run", "tiny", "prompt_tokens=-5"], 2, "prompt_tokens must be 0 or more"),
     (["run", "tiny", "prompt_tokens=abc"], 2, "config.prompt_tokens"),
     (["run", "tiny", "batch_size=0"], 2, "batch_size must be at least 1"),

@@ -52,7 +52,7 @@ class Recorded:
         return self.chosen
 
 
-@pytest.mark.parametrize("arch", ["qwen2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("arch", ["qwen2-tiny", "qwen3-tiny", "llama-tiny"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_keeping_every_token_is_the_plain_prefill(arch, attn):
     lm, (embeds, positions) = decoder(arch, attn), inputs()
@@ -85,7 +85,7 @@ def truncated(lm: nn.Module, layers: slice, final_norm: bool) -> nn.Module:
     return part
 
 
-@pytest.mark.parametrize("arch", ["qwen2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("arch", ["qwen2-tiny", "qwen3-tiny", "llama-tiny"])
 def test_pruned_prefill_equals_transformers_run_in_two_parts(arch):
     """Reference: transformers' own forward over layers 0..K-1 on every token, then over layers K.. on the text and
     the chosen visual tokens with their original position ids (RoPE) and a causal mask among them."""

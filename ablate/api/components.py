@@ -202,6 +202,12 @@ class Component(nn.Module):
         """Fill defaults that depend on other options (e.g. a timm model's native size) once, at config time."""
         return config
 
+    @classmethod
+    def named_values(cls) -> dict[str, dict[str, str]]:
+        """Named values its options take, {option: {value: one-line description}} (e.g. a decoder's architectures):
+        `ablate list KIND` lists them under the component."""
+        return {}
+
     def convert_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This component's tensors in a layout it knows (a library's or a paper's release's key names) under its own
         state-dict keys. Default: as they are. `load_weights` and whole-VLM checkpoint formats both use it."""

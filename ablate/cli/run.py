@@ -128,10 +128,19 @@ def cmd_list(args) -> int:
         table.add_column("plugin")
         table.add_column("description")
         table.add_column("options")
+        named = []
         for name in registry.names(component_kind):
             cls = registry.components[component_kind][name]
             table.add_row(name, registry.owner[(component_kind, name)], describe(cls), _options(cls.Config))
+            named += [(name, option, values) for option, values in cls.named_values().items()]
         out.print(table)
+        for name, option, values in named:
+            values_table = Table(title=f"{component_kind}.{option} of {name}", title_justify="left")
+            values_table.add_column(option, style="bold")
+            values_table.add_column("what it is")
+            for value, description in values.items():
+                values_table.add_row(value, description)
+            out.print(values_table)
     broken = [p for p in registry.plugins.values() if p.error]
     if broken:
         err.print(

@@ -1,9 +1,12 @@
-"""transformers causal LMs as decoders, built from architecture presets (no downloads).
+"""transformers causal LMs as decoders, built from named architectures or a local config.json (no downloads).
 
-The presets hold the published config values of each LLM; `decoder.overrides` changes any of them
+`decoder.arch` names an architecture of ARCHITECTURES: the published config.json values of that LLM, as data, built
+by transformers with random weights. `decoder.config` takes any causal LM transformers can build from a local
+config.json instead (a VLM's config.json gives its text model). `decoder.overrides` changes any value of either
 (e.g. `decoder.overrides.num_hidden_layers=4`), and `decoder.weights` loads a local HF model directory.
 `decoder.arch=auto` takes a whole transformers text config as `decoder.overrides` (what a checkpoint's config.json
-holds, `model_type` included) and names the preset of that family and size for the record.
+holds, `model_type` included). With `config` or `auto`, `decoder.arch` in the record names the architecture of the
+same shape (`custom` when there is none).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -21,6 +25,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ablate.api import (
     CheckpointError,
@@ -37,95 +42,155 @@ from ablate.api import (
     take_tokens,
 )
 
-_QWEN2 = dict(
-    model_type="qwen2",
-    hidden_act="silu",
-    rms_norm_eps=1e-6,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=32768,
-)
-_LLAMA = dict(
-    model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10_000.0, max_position_embeddings=4096
-)
 
-# Sizes: Qwen2 configs (FastVLM uses 0.5B/1.5B/7B), Vicuna-7B v1.5 = Llama-2-7B shape (LLaVA-1.5).
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "qwen2-0.5b": dict(
-        _QWEN2,
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
+@dataclass(frozen=True)
+class Architecture:
+    """One named LLM: its transformers model type and the config values that make it (the rest: that type's
+    transformers defaults, which for these models are what their config.json says too)."""
+
+    source: str  # whose config.json the values are: a Hugging Face model id, or what the shape is for
+    model_type: str
+    values: dict[str, Any]
+
+    def describe(self) -> str:
+        v = self.values
+        tied = ", tied embeddings" if v.get("tie_word_embeddings") else ""
+        return (
+            f"{self.source}: {self.model_type}, {v['num_hidden_layers']} layers x {v['hidden_size']}, "
+            f"{v['num_attention_heads']}/{v['num_key_value_heads']} heads, vocab {v['vocab_size']}{tied}"
+        )
+
+
+def _arch(source: str, model_type: str, **values: Any) -> Architecture:
+    return Architecture(source, model_type, values)
+
+
+# Family constants, as every config.json of that family lists them.
+_QWEN = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0)
+_LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10_000.0, max_position_embeddings=4096)
+_LLAMA3_ROPE = dict(  # Llama 3.1/3.2's long-context RoPE
+    rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+_SMOLLM2 = dict(hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True)
+
+# One entry per name; adding an LLM is one entry. Values from each model's config.json on the Hugging Face hub.
+# (The first of two same-shaped entries names a checkpoint's own config: Qwen2-0.5B and Qwen2.5-0.5B share one.)
+# fmt: off
+ARCHITECTURES: dict[str, Architecture] = {
+    # Qwen2 (FastVLM's LLMs: 0.5B/1.5B/7B)
+    "qwen2-0.5b": _arch(
+        "Qwen/Qwen2-0.5B", "qwen2", **_QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
         tie_word_embeddings=True,
     ),
-    "qwen2-1.5b": dict(
-        _QWEN2,
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
+    "qwen2-1.5b": _arch(
+        "Qwen/Qwen2-1.5B", "qwen2", **_QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
         tie_word_embeddings=True,
     ),
-    "qwen2-7b": dict(
-        _QWEN2,
-        hidden_size=3584,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        intermediate_size=18944,
-        vocab_size=152064,
+    "qwen2-7b": _arch(
+        "Qwen/Qwen2-7B", "qwen2", **_QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
         tie_word_embeddings=False,
     ),
-    "vicuna-7b": dict(
-        _LLAMA,
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        intermediate_size=11008,
-        vocab_size=32000,
+    # Qwen2.5
+    "qwen2.5-0.5b": _arch(
+        "Qwen/Qwen2.5-0.5B", "qwen2", **_QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": _arch(
+        "Qwen/Qwen2.5-1.5B", "qwen2", **_QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-3b": _arch(
+        "Qwen/Qwen2.5-3B", "qwen2", **_QWEN, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": _arch(
+        "Qwen/Qwen2.5-7B", "qwen2", **_QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072,
         tie_word_embeddings=False,
+    ),
+    # Qwen3 (dense): no QKV bias, a norm on queries and keys, head_dim 128 whatever the width
+    "qwen3-0.6b": _arch(
+        "Qwen/Qwen3-0.6B", "qwen3", **_QWEN, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, tie_word_embeddings=True,
+    ),
+    "qwen3-1.7b": _arch(
+        "Qwen/Qwen3-1.7B", "qwen3", **_QWEN, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, tie_word_embeddings=True,
+    ),
+    "qwen3-4b": _arch(
+        "Qwen/Qwen3-4B", "qwen3", **_QWEN, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, tie_word_embeddings=True,
+    ),
+    "qwen3-8b": _arch(
+        "Qwen/Qwen3-8B", "qwen3", **_QWEN, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, tie_word_embeddings=False,
+    ),
+    # Llama 3.2
+    "llama-3.2-1b": _arch(
+        "meta-llama/Llama-3.2-1B", "llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0,
+        rope_scaling=_LLAMA3_ROPE, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=131072, tie_word_embeddings=True,
+    ),
+    "llama-3.2-3b": _arch(
+        "meta-llama/Llama-3.2-3B", "llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0,
+        rope_scaling=_LLAMA3_ROPE, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, tie_word_embeddings=True,
+    ),
+    # SmolLM2 (Llama architecture)
+    "smollm2-135m": _arch(
+        "HuggingFaceTB/SmolLM2-135M", "llama", **_SMOLLM2, rope_theta=100_000.0, hidden_size=576,
+        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+    ),
+    "smollm2-360m": _arch(
+        "HuggingFaceTB/SmolLM2-360M", "llama", **_SMOLLM2, rope_theta=100_000.0, hidden_size=960,
+        intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
+    ),
+    "smollm2-1.7b": _arch(
+        "HuggingFaceTB/SmolLM2-1.7B", "llama", **_SMOLLM2, rope_theta=130_000.0, hidden_size=2048,
+        intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+        vocab_size=49152,
+    ),
+    # LLaVA-1.5's Vicuna-7B v1.5: the Llama-2-7B shape
+    "vicuna-7b": _arch(
+        "lmsys/vicuna-7b-v1.5", "llama", **_LLAMA, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False,
     ),
     # MobileLLaMA-1.4B (MobileVLM / MobileVLM-V2 1.7B): the MobileVLM paper's 1.4B shape, a LLaMA with 24 layers of
     # width 2048 and 16 heads; intermediate 5632 and a 2k context as its config.json lists them [unverified here].
-    "mobilellama-1.4b": dict(
-        _LLAMA,
-        hidden_size=2048,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        intermediate_size=5632,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+    "mobilellama-1.4b": _arch(
+        "mtgv/MobileLLaMA-1.4B-Base", "llama", **dict(_LLAMA, rms_norm_eps=1e-6, max_position_embeddings=2048),
+        hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False,
     ),
     # Tiny variants for tests and demos: same code paths, milliseconds per prefill.
-    "qwen2-tiny": dict(
-        _QWEN2,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=1024,
+    "qwen2-tiny": _arch(
+        "tests and demos", "qwen2", **_QWEN, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, vocab_size=1024, max_position_embeddings=32768,
         tie_word_embeddings=True,
     ),
-    "llama-tiny": dict(
-        _LLAMA,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=128,
-        vocab_size=1024,
-        tie_word_embeddings=False,
+    "qwen3-tiny": _arch(
+        "tests and demos", "qwen3", **_QWEN, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=128, vocab_size=1024, max_position_embeddings=40960,
+        tie_word_embeddings=True,
+    ),
+    "llama-tiny": _arch(
+        "tests and demos", "llama", **_LLAMA, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, vocab_size=1024, tie_word_embeddings=False,
     ),
 }
+# fmt: on
 
 
 # Config values that count something: they must be positive integers.
@@ -170,25 +235,72 @@ NOT_ARCHITECTURE = {
 SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
+CUSTOM = "custom"  # decoder.arch in the record of a `config` or `auto` decoder that no named architecture matches
+
+
 @dataclass
 class HFCausalLMConfig(DecoderConfig):
-    arch: str = "qwen2-tiny"  # one of ARCHITECTURES, or auto (see the module docstring); ignored with `weights`
+    arch: str = "qwen2-tiny"  # one of ARCHITECTURES, or auto (see the module docstring); ignored with weights/config
     overrides: dict[str, Any] = field(default_factory=dict)  # transformers config attributes, checked by name
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    config: str | None = None  # a local config.json (or a folder holding one) of any transformers causal LM
 
 
 def architecture_config(arch: str, overrides: dict[str, Any] | None = None):
-    """The transformers config of a preset architecture, with overrides applied (each checked)."""
+    """The transformers config of a named architecture, with overrides applied (each checked)."""
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"Unknown decoder architecture '{arch}' (decoder.arch).{did_you_mean(arch, ARCHITECTURES)} "
-            f"Available: {', '.join(ARCHITECTURES)}. Use decoder.overrides.KEY=VALUE to change sizes."
+            f"Available: {', '.join(ARCHITECTURES)}. Use decoder.overrides.KEY=VALUE to change sizes, or "
+            f"decoder.config=PATH for a local config.json of another causal LM."
         )
-    values = dict(ARCHITECTURES[arch])
-    model_type = values.pop("model_type")
-    check_overrides(model_type, overrides or {}, known=set(values))
-    values.update(overrides or {})
-    return _checked_sizes(AutoConfig.for_model(model_type, **values))
+    architecture = ARCHITECTURES[arch]
+    check_overrides(architecture.model_type, overrides or {}, known=set(architecture.values))
+    return _checked_sizes(AutoConfig.for_model(architecture.model_type, **{**architecture.values, **(overrides or {})}))
+
+
+def same_shape(model_type: str | None, values: Callable[[str], Any]) -> str | None:
+    """The first named architecture of this model type whose sizes (SIZE_KEYS) are `values(key)`, if any."""
+    for name, architecture in ARCHITECTURES.items():
+        if architecture.model_type == model_type and all(architecture.values[k] == values(k) for k in SIZE_KEYS):
+            return name
+    return None
+
+
+def local_config(path: str, overrides: dict[str, Any]):
+    """The transformers config of a local config.json (decoder.config), with overrides applied (each checked): a
+    causal LM's own, or the text model of a multimodal one."""
+    file = Path(path).expanduser()
+    file = file / "config.json" if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(
+            f"decoder.config={path}: there is no file {file}. Point it at a transformers config.json of a causal LM "
+            f"(or the folder holding one)."
+        )
+    try:
+        hf_config = AutoConfig.from_pretrained(str(file), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"decoder.config={path} is not a config.json transformers can read ({_first_sentence(exc)}). Point it "
+            f"at the config.json of a causal LM whose model_type transformers knows, e.g. qwen2, qwen3, llama."
+        ) from None
+    if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        text = hf_config.get_text_config()  # a VLM's config.json: its language model
+        if type(text) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise ConfigError(
+                f"decoder.config={path} describes a {hf_config.model_type} model, which transformers cannot build "
+                f"as a causal LM (AutoModelForCausalLM). Point it at the config.json of a decoder-only language "
+                f"model, e.g. one with model_type qwen2, qwen3 or llama."
+            )
+        hf_config = text
+    check_overrides(hf_config.model_type, overrides)
+    for key, value in overrides.items():
+        setattr(hf_config, key, value)
+    return _checked_sizes(hf_config)
+
+
+def _first_sentence(exc: Exception) -> str:
+    return str(exc).strip().split("\n")[0].split(". ")[0].rstrip(".")
 
 
 def check_overrides(model_type: str, overrides: dict[str, Any], known: set[str] = frozenset()) -> None:
@@ -238,12 +350,12 @@ def _checked_sizes(hf_config):
 
 
 # Model types whose base model feeds inputs_embeds unchanged through its layers, then a final norm, with RoPE and one
-# causal mask for every layer: `prefill_pruned` runs their layers itself (tested on both).
-PRUNABLE_MODEL_TYPES = ("llama", "qwen2")
+# causal mask for every layer: `prefill_pruned` runs their layers itself (tested on each).
+PRUNABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 class HFCausalLM(Decoder):
-    """A transformers causal LM prefilled from inputs_embeds; arch: qwen2-*, vicuna-7b, mobilellama-1.4b, *-tiny.
+    """A transformers causal LM prefilled from inputs_embeds: a named architecture (decoder.arch) or a config.json.
 
     In-LLM pruning (`prefill_pruned`, for FastV-style reducers) on Llama and Qwen2 models: this decoder runs the
     transformers model's own layers one by one on its own instance, drops visual tokens between two layers, and
@@ -257,26 +369,33 @@ class HFCausalLM(Decoder):
 
     @classmethod
     def resolve_config(cls, config: HFCausalLMConfig) -> HFCausalLMConfig:
-        """`arch: auto`: the architecture values of a whole text config as overrides, and the preset they match."""
+        """`config: PATH`: the file checked now, and decoder.arch naming the architecture of its shape (or custom).
+        `arch: auto`: the architecture values of a whole text config as overrides, and the architecture they match.
+        """
+        if config.config:
+            hf_config = local_config(config.config, dict(config.overrides))
+            return replace(config, arch=same_shape(hf_config.model_type, lambda k: getattr(hf_config, k)) or CUSTOM)
         if config.arch != AUTO:
             return config
         overrides = {key: value for key, value in config.overrides.items() if key not in NOT_ARCHITECTURE}
         model_type = overrides.pop("model_type", None)
-        family = {name: values for name, values in ARCHITECTURES.items() if values["model_type"] == model_type}
+        family = {name: a for name, a in ARCHITECTURES.items() if a.model_type == model_type}
         if not family:
-            known = sorted({values["model_type"] for values in ARCHITECTURES.values()})
+            known = sorted({a.model_type for a in ARCHITECTURES.values()})
             raise ConfigError(
                 f"decoder.arch=auto needs decoder.overrides.model_type of a supported language model, not "
-                f"{model_type!r}; supported: {', '.join(known)}."
+                f"{model_type!r}; supported: {', '.join(known)}. For another causal LM, give its config.json as "
+                f"decoder.config=PATH."
             )
-        # The preset only fills values the overrides omit; a same-sized one makes the record read e.g. qwen2-0.5b.
-        same_size = [name for name, values in family.items() if all(values[k] == overrides.get(k) for k in SIZE_KEYS)]
-        arch = same_size[0] if same_size else min(family, key=lambda name: family[name]["hidden_size"])
+        # The architecture only fills values the overrides omit; a same-sized one makes the record read its name.
+        arch = same_shape(model_type, overrides.get) or min(family, key=lambda name: family[name].values["hidden_size"])
         return replace(config, arch=arch, overrides=overrides)
 
     def __init__(self, config: HFCausalLMConfig):
         super().__init__(config)
-        if config.weights:  # a local transformers model directory: its own architecture (weights load after build)
+        if config.config:
+            hf_config = local_config(config.config, dict(config.overrides))
+        elif config.weights:  # a local transformers model directory: its own architecture (weights load after build)
             hf_config = _directory_config(config.weights)
             check_overrides(hf_config.model_type, dict(config.overrides))
             for key, value in config.overrides.items():
@@ -290,6 +409,10 @@ class HFCausalLM(Decoder):
         self.hidden_size = self.lm.config.hidden_size
         self.vocab_size = self.lm.config.vocab_size
         self.num_layers = self.lm.config.num_hidden_layers
+
+    @classmethod
+    def named_values(cls) -> dict[str, dict[str, str]]:
+        return {"arch": {name: architecture.describe() for name, architecture in ARCHITECTURES.items()}}
 
     @property
     def prunes_in_prefill(self) -> bool:  # type: ignore[override]
