@@ -106,10 +106,10 @@ def print_record(record: dict[str, Any], out: Console) -> None:
     out.print(table)
     timing, memory = record["timing"], record["memory"]
     if timing["repeats"]:
-        stop = {"precision reached": f", precision {timing['precision']:.2%} reached", "time budget": ", time budget"}
+        stop = "" if timing["stop"] == "repeats" else f", until {timing['stop']}"
         busy = "" if timing["busy_share"] is None else f", other processes {timing['busy_share']:.0%} of the CPUs"
         out.print(
-            f"medians of {timing['repeats']} repeats after {run['warmup']} warm-up{stop.get(timing['stop'], '')} "
+            f"medians of {timing['repeats']} repeats after {run['warmup']} warm-up{stop} "
             f"({timing['seconds']:,.1f} s{busy})",
             highlight=False,
         )
