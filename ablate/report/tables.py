@@ -166,7 +166,7 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
     columns = ["#"] + (["key"] if show_key else []) + ["cell", "status", "visual tok", "TTFT ms", "encoder ms"]
     columns += ["prefill ms", "GFLOPs", "params M", "peak MB", "flags", "error"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("cell", "status", "error", "key") else "right")
+        table.add_column(column, justify="left" if column in ("cell", "status", "flags", "error", "key") else "right")
     for index, row in enumerate(rows, 1):
         record, error = row.record, row.record.get("error")
         status = "failed" if error else "ok"
