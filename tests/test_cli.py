@@ -18,7 +18,9 @@ def test_run_json_record_has_every_field():
     assert record["params"]["total"] == sum(record["params"][k] for k in ("encoder", "reducer", "connector", "decoder"))
     assert set(record["flops"]) >= {"encoder", "connector", "prefill", "total"}
     assert record["flops"]["encoder"] > 0 and record["flops"]["prefill"] > 0
-    assert set(record["latency_ms"]) == LATENCY_KEYS == set(record["latency_spread_ms"])
+    assert (
+        set(record["latency_ms"]) == LATENCY_KEYS == set(record["latency_spread_ms"]) == set(record["latency_min_ms"])
+    )
     assert all(record["latency_ms"][k] > 0 for k in LATENCY_KEYS)
     assert record["latency_ms"]["stage_sum"] >= record["latency_ms"]["encoder"]
     assert record["run"]["mode"] == "eager" and record["run"]["dtype"] == "float32"
@@ -30,13 +32,19 @@ def test_run_json_record_has_every_field():
     assert record["image"] == {"source": "synthetic", "width": 128, "height": 128, "sha256": None}
     assert record["run"]["seed"] == 0
     assert record["config"]["encoder"]["name"] == "fastvit-tiny"
-    assert record["peak_memory_mb"] > 0
+    assert 0 <= record["peak_memory_mb"] < 100 < record["memory"]["baseline_mb"]  # the run's own, not the process's
+    assert record["timing"]["repeats"] == 2 and record["timing"]["stop"] == "repeats"
 
 
 def test_table_output_and_threads():
     result = run_cli("run", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert "TTFT" in result.stdout and "stage sum" in result.stdout and "1 threads" in result.stdout
+    assert (
+        "min ms" in result.stdout
+        and "medians of 1 repeats" in result.stdout
+        and "allocated by the run" in result.stdout
+    )
 
 
 def test_count_only_fastvlm_0_5b_at_512():

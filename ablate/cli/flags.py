@@ -15,6 +15,20 @@ DEFAULT_DB = "results/ablate.db"  # `ablate grid`, `results`, `plot` and `eval -
 RUN_FLAGS: dict[str, dict[str, Any]] = {
     "warmup": dict(type=int, metavar="N", help="untimed repeats first (run.warmup, default 2)"),
     "repeats": dict(type=int, metavar="N", help="timed repeats; medians are reported (run.repeats, default 5)"),
+    "precision": dict(
+        type=float,
+        metavar="P",
+        help="repeat beyond --repeats until the TTFT median's relative standard error is at most P, e.g. 0.01 "
+        "(run.precision, default: exactly --repeats)",
+    ),
+    "max_time_s": dict(
+        type=float, metavar="S", help="time budget of the repeats under --precision (run.max_time_s, default 60)"
+    ),
+    "max_spread": dict(
+        type=float,
+        metavar="F",
+        help="flag a TTFT whose interquartile range exceeds F x its median (run.max_spread, default 0.2)",
+    ),
     "device": dict(help="cpu, cuda, cuda:N (run.device, default cpu)"),
     "dtype": dict(
         help="float32, bfloat16 or float16 for every component; run.dtypes.KIND=... sets one component's "

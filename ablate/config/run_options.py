@@ -57,6 +57,11 @@ class RunOptions:
     threads: int | None = None  # torch CPU threads; None: torch's choice
     warmup: int = 2  # untimed repeats first
     repeats: int = 5  # timed repeats; medians are reported
+    # Repeats until the TTFT median's relative standard error is at most this (e.g. 0.01), run.repeats at least,
+    # within run.max_time_s; None: exactly run.repeats. How it went is the record's `timing`.
+    precision: float | None = None
+    max_time_s: float | None = None  # the time budget of the timed repeats under run.precision (None: 60 s)
+    max_spread: float = 0.2  # flag a TTFT whose interquartile range exceeds this fraction of its median
     count_only: bool = False  # tokens, params and FLOPs on the meta device; no weights allocated, nothing timed
     image: str | None = None  # a real image file; None: a synthetic image of the encoder's input size
     seed: int = 0  # random weights, the synthetic image and the prompt
@@ -85,6 +90,26 @@ class RunOptions:
                 )
         if self.repeats < 1:
             raise ConfigError(f"run.repeats (--repeats) must be at least 1, not {self.repeats}.")
+        if self.precision is not None and not (isinstance(self.precision, (int, float)) and 0 < self.precision < 1):
+            raise ConfigError(
+                f"run.precision (--precision) is the relative standard error of the TTFT median to reach, a number "
+                f"between 0 and 1 such as 0.01 (1%), not {self.precision!r}. Leave it unset for exactly run.repeats."
+            )
+        if self.max_time_s is not None:
+            if self.precision is None:
+                raise ConfigError(
+                    "run.max_time_s (--max-time-s) is the time budget of run.precision (--precision): set a precision "
+                    "too, or drop the budget (without a precision exactly run.repeats repeats run)."
+                )
+            if not (isinstance(self.max_time_s, (int, float)) and 0 < self.max_time_s < float("inf")):
+                raise ConfigError(
+                    f"run.max_time_s (--max-time-s) must be a positive number of seconds, not {self.max_time_s!r}."
+                )
+        if not (isinstance(self.max_spread, (int, float)) and 0 < self.max_spread < float("inf")):
+            raise ConfigError(
+                f"run.max_spread (--max-spread) is the fraction of the TTFT median its interquartile range may reach "
+                f"before the run is flagged, a positive number such as 0.2, not {self.max_spread!r}."
+            )
         if self.warmup < 0:
             raise ConfigError(f"run.warmup (--warmup) must be 0 or more, not {self.warmup}.")
         if self.threads is not None and self.threads < 1:

@@ -1,10 +1,13 @@
 """The machine a run runs on: whether it can run the config at all (checked where the run happens, never when a
-config or grid is resolved), what it is (CPU, libraries: the record's `env`), its free memory and the run's own peak.
+config or grid is resolved), what it is (CPU, libraries: the record's `env`), how busy other processes keep it
+while timing, its free memory and the run's own peak.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import os
 import platform
 import re
@@ -146,6 +149,52 @@ def environment(device: torch.device, plugin_versions: dict[str, str | None]) ->
     )
 
 
+# --------------------------------------------------------------------------------------------- how busy
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """CPU time so far in clock ticks, over the CPUs this process may run on: (all, non-idle, this process's own);
+    None without /proc. Two readings give the share of the CPUs' time other processes used in between."""
+    cpus = {f"cpu{index}" for index in usable_cpus()}
+    total = busy = 0
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *values = line.split()
+                if name not in cpus:  # the first line, "cpu", sums all of the machine's
+                    continue
+                ticks = [int(value) for value in values[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]  # steal counts as busy: another guest had the core
+        with open("/proc/self/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        own = int(fields[11]) + int(fields[12])  # utime and stime, all threads (fields 14 and 15 of proc(5))
+    except (OSError, ValueError, IndexError):
+        return None
+    return total, busy, own
+
+
+def others_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> float | None:
+    """The share of the CPUs' time between two `cpu_ticks` readings that other processes used (0..1)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return min(max(other / (after[0] - before[0]), 0.0), 1.0)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 
@@ -159,36 +208,89 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-_CLEAR_REFS = "/proc/self/clear_refs"
-
-
-def _resident_peak_kb() -> int | None:
-    for value in _proc_fields("/proc/self/status").get("VmHWM", []):
-        return int(value.split()[0])  # "12345 kB"
+def _status_bytes(key: str) -> int | None:
+    """VmRSS, VmHWM, ... of /proc/self/status in bytes (None without it)."""
+    for value in _proc_fields("/proc/self/status").get(key, []):
+        return int(value.split()[0]) * 1024  # "12345 kB"
     return None
 
 
-@contextmanager
-def peak_memory(device: torch.device, record: Record) -> Iterator[None]:
-    """Measure this block's own peak memory into record.peak_memory_mb, even when the block fails.
+def _reset_resident_peak() -> bool:
+    """Reset VmHWM to the current resident set (Linux >= 4.0: write 5 to /proc/self/clear_refs); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
-    GPU: torch's allocated-memory peak, reset first. CPU (Linux): the resident-set high-water mark, reset first through
-    /proc/self/clear_refs, so earlier runs in the same process do not count. Where that reset is impossible the
-    process's lifetime peak is reported, and a note says so.
+
+def _return_freed_heap() -> None:
+    """Give heap memory earlier runs freed back to the OS (glibc's malloc_trim), so this run cannot reuse it unseen."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _lifetime_peak_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
+
+
+@contextmanager
+def peak_memory(device: torch.device, record: Record, count_only: bool = False) -> Iterator[None]:
+    """Measure what this block allocates at its peak, above the process's memory when it starts, into
+    record.peak_memory_mb (and the baseline and method into record.memory), even when the block fails.
+
+    GPU: torch's allocated-memory peak, reset at the start, minus what was allocated then. CPU (Linux): the resident
+    set's high-water mark, reset at the start through /proc/self/clear_refs, minus the resident set then, so earlier
+    runs in the same process count neither in the baseline's peak nor in this one. Count-only allocates nothing:
+    no peak (None), the method says why.
     """
-    if device.type == "cuda":
+    memory = record.memory
+    if count_only:
+        memory.method = "count-only: no weights or activations were allocated, so no peak was measured"
+        read = None
+    elif device.type == "cuda":
+        baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+        memory.method = (
+            "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats at the start, minus "
+            "torch.cuda.memory_allocated then"
+        )
+
+        def read() -> int:
+            return torch.cuda.max_memory_allocated(device)
+
     else:
-        try:
-            with open(_CLEAR_REFS, "w") as clear_refs:
-                clear_refs.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
-        except OSError:
-            record.notes.append("peak_memory_mb is the process's lifetime peak (it could not be reset here).")
+        _return_freed_heap()
+        baseline = _status_bytes("VmRSS")
+        if baseline is not None and _reset_resident_peak():
+            memory.method = (
+                "CPU: the resident set's high-water mark (VmHWM) after resetting it through /proc/self/clear_refs "
+                "at the start, minus the resident set (VmRSS) then; heap freed by earlier runs is first returned to "
+                "the OS (malloc_trim)"
+            )
+
+            def read() -> int:
+                return _status_bytes("VmHWM") or 0
+
+        else:
+            baseline = _lifetime_peak_bytes()
+            memory.method = (
+                "CPU: the growth of the process's lifetime resident peak (getrusage ru_maxrss; it cannot be reset "
+                "here): a lower bound, 0 when an earlier run of the process peaked higher"
+            )
+            record.notes.append(f"peak_memory_mb is a lower bound here: {memory.method}.")
+            read = _lifetime_peak_bytes
+    if read is not None:
+        memory.baseline_mb = baseline / 2**20
     try:
         yield
     finally:
-        if device.type == "cuda":
-            record.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            peak_kb = _resident_peak_kb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            record.peak_memory_mb = peak_kb / 1024
+        if read is not None:
+            peak = read()
+            memory.process_peak_mb = max(peak, baseline) / 2**20
+            record.peak_memory_mb = max(peak - baseline, 0) / 2**20

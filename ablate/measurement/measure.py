@@ -174,7 +174,8 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
     torch.manual_seed(options.seed)  # random weights are the same for the same seed
     record.run = run_entry(options)
     record.env = environment(device, registry.versions())
-    with peak_memory(device, record):
+    peak = device_peak(device, options, record.env.device_name)  # before the memory window: it copies 128 MiB
+    with peak_memory(device, record, options.count_only):
         where["stage"] = "reading the image"
         image = load_image(options.image) if options.image else None  # a bad file fails before any model is built
         if image is not None:  # the model is counted and built for the raw size of the image it will see
@@ -186,7 +187,6 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         meta_vlm = build(config, meta=True, registry=registry)
         counted, meta_ctx, vision_out = count_on_meta(record, meta_vlm, config)
         traffic = _traffic(counted, meta_ctx, record, config)
-        peak = device_peak(device, options, record.env.device_name)
         if options.count_only:
             _count_only_notes(record, meta_vlm, vision_out, config)
             record.roofline = roofline(record, traffic, peak, record.execution)
@@ -215,9 +215,11 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
 
         where["stage"] = "timing"
         timer = where["timer"] = StageTimer(device)
-        record.latency_ms, record.latency_spread_ms, vision_out = time_stages(
+        timed = time_stages(
             prepared, lambda: vlm.encoder.prepare(image).to(device), prepared.ctx, options, timer, progress
         )
+        record.latency_ms, record.latency_spread_ms, record.latency_min_ms = timed.median, timed.spread, timed.minimum
+        record.timing, vision_out = timed.timing, timed.vision_out
         where["timer"] = None
         if options.profile:
             where["stage"] = "profiling"

@@ -76,15 +76,59 @@ class Flops:
 @dataclass
 class Latency:
     """Milliseconds per stage (`latency_ms`: medians over the timed repeats; `latency_spread_ms`: their
-    interquartile ranges)."""
+    interquartile ranges; `latency_min_ms`: their minima)."""
 
     preprocess: float | None = doc("decoding, resizing and normalizing the image (not part of TTFT)")
     encoder: float | None = doc("the encoder stage")
     reducer: float | None = doc("the reducer stage")
     connector: float | None = doc("the connector stage")
     prefill: float | None = doc("the LLM prefill up to the first token's logits, KV cache written")
-    stage_sum: float | None = doc("the sum of the four stage medians; it should agree with `ttft` within a few percent")
+    stage_sum: float | None = doc(
+        "the sum of the four stages (encoder + reducer + connector + prefill), each timed on its own; it should "
+        "agree with `ttft` within 5% (else timing.flags says so)"
+    )
     ttft: float | None = doc("time to first token, the four stages timed as one call in the same repeats")
+
+
+@dataclass
+class TimingFlag:
+    """One thing in the timings a careful reader would distrust (README: "Timings you can trust")."""
+
+    kind: str | None = doc("stage_sum, spread, busy or precision: stable, for filtering and tables")
+    message: str | None = doc("one sentence: what was seen, against which threshold, and what to do")
+
+
+@dataclass
+class Timing:
+    """How the timed repeats went: how many, why they stopped, how busy the machine was, and the flags."""
+
+    repeats: int | None = doc("timed repeats taken (under run.precision: until the precision or the time budget)")
+    stop: str | None = doc(
+        "why the repeats stopped: 'repeats' (run.repeats done), 'precision reached' (run.precision) or 'time budget' "
+        "(run.max_time_s spent first)"
+    )
+    seconds: float | None = doc("wall time of the timed repeats")
+    precision: float | None = doc(
+        "relative standard error of the TTFT median, 1.2533 x 1.4826 x MAD / sqrt(repeats) / median (normal "
+        "approximation from the median absolute deviation)"
+    )
+    busy_share: float | None = doc(
+        "share of the CPUs' time (those this process may run on) that other processes used during the timed "
+        "repeats: /proc/stat's non-idle time minus this process's own (/proc/self/stat); None where unreadable"
+    )
+    load_average: float | None = doc("the 1-minute load average when the timed repeats ended")
+    flags: list[TimingFlag] = doc("what a careful reader would distrust; empty when nothing", factory=list)
+
+
+@dataclass
+class Memory:
+    """How `peak_memory_mb` was measured, and the baseline it excludes."""
+
+    baseline_mb: float | None = doc(
+        "the process's memory when the run started, left out of peak_memory_mb (CPU: resident set; GPU: allocated)"
+    )
+    process_peak_mb: float | None = doc("the process's peak during the run: baseline_mb + peak_memory_mb")
+    method: str | None = doc("how both were measured, or why no peak was")
 
 
 @dataclass
@@ -271,15 +315,27 @@ class Record:
     tokens: Tokens = doc("tokens out of each stage, for one image", factory=Tokens)
     params: Params = doc("parameters per component", factory=Params)
     flops: Flops = doc("FLOPs per stage for the batch", factory=Flops)
-    latency_ms: Latency = doc("medians over the timed repeats, in ms", factory=Latency, columns={"ttft_ms": "ttft"})
+    latency_ms: Latency = doc(
+        "medians over the timed repeats, in ms; `stage_sum`: the sum of the stage medians",
+        factory=Latency,
+        columns={"ttft_ms": "ttft"},
+    )
     latency_spread_ms: Latency = doc(
         "interquartile ranges (p75 - p25) of the same samples, in ms; `stage_sum`: of the per-repeat sums",
         factory=Latency,
         same_as="latency_ms",
     )
-    peak_memory_mb: float | None = doc(
-        "the run's own peak memory (GPU: allocated; CPU: the resident set, reset at the start of the run)"
+    latency_min_ms: Latency = doc(
+        "the fastest sample of each, in ms; `stage_sum`: the sum of the stage minima",
+        factory=Latency,
+        same_as="latency_ms",
     )
+    timing: Timing = doc("how the timed repeats went and what in them to distrust", factory=Timing)
+    peak_memory_mb: float | None = doc(
+        "what the run itself allocated at its peak, in MiB, above the process's memory when it started (GPU: "
+        "allocated by torch; CPU: the resident set); None under count-only (nothing allocated); see `memory`"
+    )
+    memory: Memory = doc("how peak_memory_mb was measured, and the baseline it leaves out", factory=Memory)
     encoder_form: str | None = doc("train or inference, for reparameterizable encoders (FastViT)")
     weights: list[str] = doc("what was loaded ('kind: path'); empty for random weights", factory=list)
     image: ImageInfo | None = doc("the image measured", metrics=False)

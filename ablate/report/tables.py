@@ -61,18 +61,22 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         f"{run['device']} {run['dtype']} {mode}{layout}, {run['threads']} threads"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("stage", "median ms", "spread ms (IQR)", "tokens out", "GFLOPs", "params", "floor ms", "x floor"):
+    columns = ("stage", "median ms", "min ms", "spread ms (IQR)", "tokens out", "GFLOPs", "params", "floor ms")
+    for column in (*columns, "x floor"):
         table.add_column(column, justify="left" if column == "stage" else "right")
-    latency, spread_ms = record["latency_ms"], record["latency_spread_ms"]
+    latency, spread_ms, fastest = record["latency_ms"], record["latency_spread_ms"], record["latency_min_ms"]
     flops, params, tokens = record["flops"], record["params"], record["tokens"]
     roof = record["roofline"]["stages"]
-    table.add_row("preprocess", _ms(latency["preprocess"], 2), _ms(spread_ms["preprocess"], 2), "", "", "", "-", "-")
+
+    def times(stage: str) -> tuple[str, str, str]:
+        return _ms(latency[stage], 2), _ms(fastest[stage], 2), _ms(spread_ms[stage], 2)
+
+    table.add_row("preprocess", *times("preprocess"), "", "", "", "-", "-")
     for stage in STAGES:
         gflops = flops.get(stage)
         table.add_row(
             stage,
-            _ms(latency[stage], 2),
-            _ms(spread_ms[stage], 2),
+            *times(stage),
             _num(tokens.get(stage)),
             "-" if gflops is None else f"{gflops / 1e9:,.2f}",
             _num(params.get(STAGE_COMPONENT[stage])),
@@ -82,8 +86,7 @@ def print_record(record: dict[str, Any], out: Console) -> None:
     total = flops.get("total")
     table.add_row(
         "stage sum",
-        _ms(latency["stage_sum"], 2),
-        _ms(spread_ms["stage_sum"], 2),
+        *times("stage_sum"),
         "",
         "-" if total is None else f"{total / 1e9:,.2f}",
         _num(params.get("total")),
@@ -93,6 +96,7 @@ def print_record(record: dict[str, Any], out: Console) -> None:
     table.add_row(
         "[bold]TTFT (one call)",
         f"[bold]{_ms(latency['ttft'], 2)}",
+        _ms(fastest["ttft"], 2),
         _ms(spread_ms["ttft"], 2),
         f"{_num(tokens.get('llm_input'))} in",
         "",
@@ -100,12 +104,23 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         *_floor(roof.get("ttft")),
     )
     out.print(table)
-    if latency["ttft"]:
-        gap = (latency["stage_sum"] - latency["ttft"]) / latency["ttft"] * 100
+    timing, memory = record["timing"], record["memory"]
+    if timing["repeats"]:
+        stop = "" if timing["stop"] == "repeats" else f", until {timing['stop']}"
+        busy = "" if timing["busy_share"] is None else f", other processes {timing['busy_share']:.0%} of the CPUs"
         out.print(
-            f"stage sum vs TTFT: {gap:+.1f}%   peak memory: {record['peak_memory_mb']:,.0f} MB   "
-            f"medians of {run['repeats']} repeats after {run['warmup']} warm-up"
+            f"medians of {timing['repeats']} repeats after {run['warmup']} warm-up{stop} "
+            f"({timing['seconds']:,.1f} s{busy})",
+            highlight=False,
         )
+    if record["peak_memory_mb"] is not None:
+        out.print(
+            f"peak memory: {record['peak_memory_mb']:,.1f} MB allocated by the run, above the process's "
+            f"{memory['baseline_mb']:,.0f} MB at its start",
+            highlight=False,
+        )
+    for flag in timing["flags"]:
+        out.print(f"[yellow]flag ({flag['kind']}): {escape(flag['message'])}[/]", highlight=False)
     fidelity = record.get("fidelity")
     if fidelity:
         out.print(
@@ -149,9 +164,9 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
     """One line per stored row: its cell, status and figures (count-only and failed rows show '-')."""
     table = Table(title=escape(title), title_justify="left")
     columns = ["#"] + (["key"] if show_key else []) + ["cell", "status", "visual tok", "TTFT ms", "encoder ms"]
-    columns += ["prefill ms", "GFLOPs", "params M", "peak MB", "error"]
+    columns += ["prefill ms", "GFLOPs", "params M", "peak MB", "flags", "error"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("cell", "status", "error", "key") else "right")
+        table.add_column(column, justify="left" if column in ("cell", "status", "flags", "error", "key") else "right")
     for index, row in enumerate(rows, 1):
         record, error = row.record, row.record.get("error")
         status = "failed" if error else "ok"
@@ -167,6 +182,7 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
             _num(value_at(record, "flops.total"), 1e9, 1),
             _num(value_at(record, "params.total"), 1e6, 1),
             _num(record.get("peak_memory_mb")),
+            ",".join(flag.get("kind") or "?" for flag in value_at(record, "timing.flags") or []),
             escape(f"{error.get('type')}: {first_line(error.get('message'), width=90)}") if error else "",
         ]
         table.add_row(*cells)
