@@ -45,7 +45,8 @@ def applied_config(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if _applies(value)}
 
 
-def _kind_of(key: str) -> str | None:
+def kind_of(key: str) -> str | None:
+    """ "encoder.image_size" -> "encoder"; None for keys outside a component (run options, prompt_tokens)."""
     head, _, rest = key.partition(".")
     return head if head in KINDS and rest else None
 
@@ -60,7 +61,7 @@ def varying_keys(records: Sequence[dict[str, Any]]) -> list[str]:
         values = [_text(config.get(key)) if key in config else None for config in configs]
         if len(set(values)) < 2:
             continue
-        kind = _kind_of(key)
+        kind = kind_of(key)
         name_key = f"{kind}.name"
         if kind and key != name_key and None in values:  # an option only some of the components have
             by_name: dict[str, set] = {}
@@ -82,7 +83,7 @@ def cell_values(record: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
 
 def _short_names(keys: Sequence[str]) -> dict[str, str]:
     """key -> how the label writes it: the option alone where that is unambiguous among `keys`, else the full key."""
-    leaf = {key: key.rpartition(".")[2] if _kind_of(key) or "." in key else key for key in keys}
+    leaf = {key: key.rpartition(".")[2] if kind_of(key) or "." in key else key for key in keys}
     counts: dict[str, int] = {}
     for name in leaf.values():
         counts[name] = counts.get(name, 0) + 1
@@ -93,11 +94,11 @@ def cell_label(record: dict[str, Any], keys: Sequence[str], fallback: str | None
     """This record's short label from `keys` (see the module's docstring); `fallback` (default: the record's name)
     when none of them applies."""
     values = cell_values(record, keys)  # in the order of `keys`
-    names = _short_names([key for key in keys if not key.endswith(".name") or not _kind_of(key)])
+    names = _short_names([key for key in keys if not key.endswith(".name") or not kind_of(key)])
 
     # component by component in kind order, each its name first, then the rest (run options, prompt) as given
     def place(key: str) -> tuple[int, int]:
-        kind = _kind_of(key)
+        kind = kind_of(key)
         return (KINDS.index(kind), 0 if key == f"{kind}.name" else 1) if kind else (len(KINDS), 0)
 
     ordered = sorted(values, key=place)  # a stable sort: options keep their order
@@ -106,8 +107,8 @@ def cell_label(record: dict[str, Any], keys: Sequence[str], fallback: str | None
         value = values[key]
         if key == f"{LEAD_KIND}.name":
             parts.append(_text(value))
-        elif _kind_of(key) and key.endswith(".name"):
-            parts.append(f"{_kind_of(key)}={_text(value)}")
+        elif kind_of(key) and key.endswith(".name"):
+            parts.append(f"{kind_of(key)}={_text(value)}")
         elif key == SIZE_KEY and isinstance(value, int):
             parts.append(f"{value}px")
         else:
