@@ -113,7 +113,9 @@ def cell_label(record: dict[str, Any], keys: Sequence[str], fallback: str | None
             parts.append(f"{value}px")
         else:
             parts.append(f"{names[key]}={_text(value)}")
-    return " ".join(parts) or fallback or str(record.get("name") or "(one config)")
+    if parts or fallback is not None:
+        return " ".join(parts) or fallback
+    return str(record.get("name") or "(one config)")
 
 
 def cell_labels(records: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> list[str]:

@@ -81,6 +81,11 @@ def _bounded(record: dict[str, Any]) -> bool:
     return record.get("count_basis") == "upper bound"
 
 
+def _random_count(record: dict[str, Any]) -> bool:
+    """Tokens an image-dependent reducer kept with random weights: says nothing about trained ones."""
+    return record.get("count_basis") == "measured image" and not record.get("weights")
+
+
 def title_context(records: list[dict[str, Any]]) -> str:
     """'cpu (Intel Xeon ...), float32, mode eager, 1 thread' from the records (every distinct value, if they differ)."""
 
@@ -144,7 +149,8 @@ def write_plots(
     ]
     for name, make, rows, context in plots:
         if not rows:
-            notes.append(f"{name}: no row has timings (a count-only grid: its counts are in the FLOPs plots)")
+            why = "timings (count-only rows: see the FLOPs and params plots)" if rows is timed else "FLOP counts"
+            notes.append(f"{name}: no row has {why}")
             continue
         made = make(rows, context, Figure, go)
         if isinstance(made, str):
@@ -170,7 +176,7 @@ def _wrap(text: str, width: int = WRAP) -> str:
 def _new_figure(Figure, title: str, context: str, how_to_read: str = "", height: float = 4.8):
     figure = Figure(figsize=(WIDTH_IN, height))
     axes = figure.add_subplot()
-    lines = [title, _wrap(context, 110)] + ([_wrap(how_to_read, 110)] if how_to_read else [])
+    lines = [title, _wrap(context, 95)] + ([_wrap(how_to_read, 95)] if how_to_read else [])
     axes.set_title("\n".join(lines), fontsize=9, loc="left")
     axes.grid(True, alpha=0.3)
     return figure, axes
@@ -258,6 +264,14 @@ def _wide(values: list[float]) -> bool:
     return bool(positive) and max(positive) > 20 * min(positive)
 
 
+def _plain_log_labels(axis) -> None:
+    """A log axis labelled 20, 50, 100 rather than 2x10^1."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _token_plot(points, y_of, title, context, how_to_read, x_label, y_label, front_label, Figure, go):
     """Y against visual tokens: colour and marker by the first two groups of varying keys (Style), one panel per
     value of the rest (the decoder: TTFT is comparable only at one LLM), one line per series (cells that differ
@@ -297,9 +311,8 @@ def _token_plot(points, y_of, title, context, how_to_read, x_label, y_label, fro
                 faces = "none" if _bounded(record) else color
                 axes.scatter([x], [y], marker=mpl_marker, s=28, zorder=3, edgecolors=color, facecolors=faces)
                 if resolution(record):
-                    axes.annotate(
-                        str(resolution(record)), (x, y), textcoords="offset points", xytext=(4, -8), fontsize=6
-                    )
+                    text = f"{resolution(record)}{'*' if _random_count(record) else ''}"
+                    axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, -8), fontsize=6)
             traces.append(
                 go.Scatter(
                     x=xs,
@@ -335,6 +348,8 @@ def _token_plot(points, y_of, title, context, how_to_read, x_label, y_label, fro
         from matplotlib.ticker import ScalarFormatter
 
         grid[0][0].xaxis.set_major_formatter(ScalarFormatter())
+    if log_y:
+        _plain_log_labels(grid[0][0].yaxis)
     figure.suptitle("\n".join([title, _wrap(context, 110), _wrap(how_to_read, 110)]), fontsize=9, x=0.06, ha="left")
     # One legend for all panels: what the colours and markers mean, the front, hollow markers.
     handles = [Line2D([], [], color=c, marker="o", linestyle="-", label=_wrap(v)) for v, c in colours.items() if v]
@@ -352,6 +367,15 @@ def _token_plot(points, y_of, title, context, how_to_read, x_label, y_label, fro
                 markerfacecolor="none",
                 linestyle="none",
                 label="hollow: at most (a reducer that decides by the image)",
+            )
+        )
+    if any(_random_count(r) for r in points):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                label="*: tokens an adaptive reducer kept on random weights (not a trained count)",
             )
         )
     _legend_below(figure, handles, title="the numbers at the points: input size (px) as it ran")
@@ -501,6 +525,7 @@ def _by_resolution(records, y_of, title, context, y_label, Figure, go):
     log_y = _wide([y for by_size in series.values() for y in by_size.values()])
     if log_y:
         axes.set_yscale("log")
+        _plain_log_labels(axes.yaxis)
     traces = []
     for index, (name, by_size) in enumerate(series.items()):
         xs = sorted(by_size)
