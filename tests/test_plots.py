@@ -10,6 +10,17 @@ from ablate.measurement.record import Record
 from ablate.report.plots import pareto_front, write_plots
 
 PLOTS = ("ttft_vs_tokens", "stage_latency", "encoder_vs_resolution")
+COUNT_PLOTS = ("flops_vs_tokens", "encoder_flops_vs_resolution", "params")
+
+
+def assert_sane_png(path) -> None:
+    """A chart that fills its picture: neither a strip 5000 px wide nor a tower."""
+    from PIL import Image
+
+    width, height = Image.open(path).size
+    assert 400 <= width < 1600 and 250 <= height < 2500, (path.name, width, height)
+    assert 0.4 <= width / height <= 3.0, (path.name, width, height)
+    assert path.stat().st_size < 200_000
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
@@ -31,14 +42,18 @@ def grid_db(tmp_path_factory):
 def test_plot_writes_non_empty_png_and_html(grid_db, tmp_path, capsys):
     out = tmp_path / "plots"
     assert main(["plot", "--db", str(grid_db), "--out", str(out)]) == 0
-    for name in PLOTS:
+    for name in PLOTS + COUNT_PLOTS:
         png, html = out / f"{name}.png", out / f"{name}.html"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert_sane_png(png)
         text = html.read_text()
-        assert "plotly" in text.lower() and "(ms)" in text  # the axes carry their units
+        assert "plotly" in text.lower() and ("(ms)" in text or "FLOPs" in text or "millions" in text)  # units
+        assert "=None" not in text and "encoder.weights" not in text  # only the keys that vary and apply
     assert (out / "plotly.min.js").stat().st_size > 1_000_000  # offline: plotly.js beside the pages
     html = (out / "ttft_vs_tokens.html").read_text()
     assert "Pareto front" in html and "cpu (" in html and "eager" in html  # device and mode in the title
+    assert "lower is better" in html and "better: right and down" in html  # which way is better, what the front is
+    assert "128px prompt_tokens=4" in html  # a cell's label: its size and the other key that varies
     assert "wrote" in capsys.readouterr().err
 
 
@@ -56,7 +71,8 @@ def test_plots_leave_out_rows_without_timings_and_tolerate_extra_fields(tmp_path
     failed = {**Record().to_dict(), "error": {"type": "X", "message": "m"}}
     files, notes = write_plots([timed, bigger, count_only, failed, {"schema_version": 9}], tmp_path)
     assert sorted(path.name for path in files) == sorted(f"{n}.{ext}" for n in PLOTS for ext in ("png", "html"))
-    assert notes == ["accuracy_vs_ttft: no row has an accuracy (`ablate eval --db` stores one)"]
+    assert notes[0] == "accuracy_vs_ttft: no row has an accuracy (`ablate eval --db` stores one)"
+    assert notes[1:] == [f"{name}: no row has FLOP counts" for name in COUNT_PLOTS]
 
 
 def test_accuracy_vs_ttft_marks_the_pareto_front_and_chance(tmp_path):
@@ -79,15 +95,28 @@ def test_accuracy_vs_ttft_marks_the_pareto_front_and_chance(tmp_path):
         evaluated(256, 40.0, 0.9),
     ]
     files, notes = write_plots(records, tmp_path)
-    assert tmp_path / "accuracy_vs_ttft.png" in files and notes == []
+    assert tmp_path / "accuracy_vs_ttft.png" in files and not [n for n in notes if n.startswith("accuracy")]
     html = (tmp_path / "accuracy_vs_ttft.html").read_text()
     assert "exact match (%)" in html and "Pareto front" in html and "chance" in html
     front = pareto_front([(r["accuracy"]["exact_match"], r["latency_ms"]["ttft"]) for r in records])
     assert front == [0, 1, 3]
 
 
-def test_a_store_without_timings_says_why_nothing_is_plotted(tmp_path, capsys):
+def test_a_count_only_grid_gets_flops_and_params_plots(tmp_path, capsys):
+    db, out = tmp_path / "c.db", tmp_path / "p"
+    # two encoders of different kinds at two sizes: the labels name the encoder, and no option only one has
+    args = ["grid", "tiny", "encoder=fastvit-tiny,example-patchconv", "encoder.image_size=64,128"]
+    assert main([*args, "--count-only", "--db", str(db)]) == 0
+    assert main(["plot", "--db", str(db), "--out", str(out)]) == 0
+    for name in COUNT_PLOTS:
+        assert_sane_png(out / f"{name}.png")
+    html = (out / "flops_vs_tokens.html").read_text()
+    assert "example-patchconv 64px" in html and "fastvit-tiny 128px" in html and "patch_size" not in html
+    assert "skipped ttft_vs_tokens: no row has timings" in capsys.readouterr().err
+
+
+def test_a_store_of_failed_cells_says_why_nothing_is_plotted(tmp_path, capsys):
     with Store(tmp_path / "c.db") as store:
-        store.put("a", {**Record().to_dict(), "visual_tokens": 4}, "a")
+        store.put("a", {**Record().to_dict(), "error": {"type": "X", "message": "m"}}, "a")
     assert main(["plot", "--db", str(tmp_path / "c.db"), "--out", str(tmp_path / "p")]) == 2
-    assert "count-only or failed cells only" in capsys.readouterr().err
+    assert "failed cells only" in capsys.readouterr().err

@@ -1,32 +1,49 @@
 """Plots of stored results: a PNG (matplotlib) and an interactive HTML file (plotly) of each.
 
-    ttft_vs_tokens          TTFT against visual tokens, one series per system, with the Pareto front (the cells no
-                            other cell beats with as many tokens or more in as little time or less)
+From timed rows:
+    ttft_vs_tokens          TTFT against visual tokens, with the Pareto front (the cells no other cell beats with as
+                            many tokens or more at a TTFT as low or lower)
     stage_latency           per-stage latency (encoder, reducer, connector, LLM prefill) stacked, one bar per cell
     encoder_vs_resolution   encoder latency against input resolution, one line per encoder
     accuracy_vs_ttft        exact-match accuracy against TTFT with the Pareto front, for rows `ablate eval --db`
                             stored (a trained variant's accuracy and timing in one record)
+From every row with counts (count-only grids too):
+    flops_vs_tokens         total FLOPs against visual tokens, with the Pareto front (as many tokens, fewer FLOPs)
+    encoder_flops_vs_resolution   the encoder's FLOPs against input resolution, one line per encoder
+    params                  parameters per component, one bar per distinct model
 
-Systems and cells are named by the config keys that differ between the rows plotted, so any grid labels itself.
-Rows without timings (count-only or failed cells) are left out; a plot with nothing to show is skipped and said so.
-Titles name the device, dtype and execution mode the figures come from. Needs `pip install 'ablate-vlm[plot]'`.
+Cells are named by the config keys that vary between the rows plotted and apply to the cell
+(`ablate.report.labels`). In the token plots colour is the encoder (the first component that varies), the marker
+the next component that varies (the reducer), the line style the rest; one line joins the cells that differ only in
+input size. A hollow marker is an upper bound: a reducer that decides by the image, counted without one. Failed
+rows are left out; a plot with nothing to show is skipped and said so. Titles say what the figures come from
+(device, dtype and mode for timings) and which way is better. Needs `pip install 'ablate-vlm[plot]'`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import textwrap
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ablate.api.errors import ConfigError
+from ablate.api.hooks import KINDS
+from ablate.measurement.record import value_at
 from ablate.model.vlm import STAGES
-from ablate.report.tables import flatten
+from ablate.report.labels import cell_label, cell_labels, cell_values, kind_of, varying_keys
 from ablate.version import DISTRIBUTION
 
 STAGE_NAMES = {"encoder": "encoder", "reducer": "reducer", "connector": "connector", "prefill": "LLM prefill"}
 RESOLUTION_KEY = "encoder.image_size"
+SIZE_KEYS = (RESOLUTION_KEY, "encoder.target_tokens", "encoder.image_size_fit")  # what the x axis already shows
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974")
+MARKERS = (("o", "circle"), ("s", "square"), ("D", "diamond"), ("^", "triangle-up"), ("v", "triangle-down"))
+DASHES = (("-", "solid"), ("--", "dash"), (":", "dot"), ("-.", "dashdot"))
+WIDTH_IN = 8.0  # every figure: 800 px wide at 100 dpi; legends go below the axes, so long names add height
+COUNTED = "counted from the configs, for one image (no timing needed; the weights do not change counts)"
+WRAP = 48  # characters of a legend entry or bar label per line
 
 
 def _libraries():
@@ -41,42 +58,32 @@ def _libraries():
     return Figure, FigureCanvasAgg, go
 
 
-@dataclass
-class Point:
-    record: dict[str, Any]
-    label: str  # the cell: the varying keys
-    series: str  # the system it belongs to: the varying keys other than the x axis's
-
-    def latency(self, stage: str) -> float:
-        return (self.record.get("latency_ms") or {}).get(stage) or 0.0
+def _number(record: dict[str, Any], path: str) -> float | None:
+    value = value_at(record, path)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _timed(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        record
-        for record in records
-        if not record.get("error") and isinstance((record.get("latency_ms") or {}).get("ttft"), (int, float))
-    ]
+    return [record for record in records if not record.get("error") and _number(record, "latency_ms.ttft")]
 
 
-def _varying(records: list[dict[str, Any]]) -> list[str]:
-    """Config keys whose value differs between records (run options included), in config order."""
-    flat = [flatten(record.get("config") or {}) for record in records]
-    keys = list(dict.fromkeys(key for config in flat for key in config))
-    return [key for key in keys if len({repr(config.get(key)) for config in flat}) > 1]
-
-
-def _describe(record: dict[str, Any], keys: list[str], fallback: str) -> str:
-    config = flatten(record.get("config") or {})
-    text = ", ".join(f"{key}={config.get(key)}" for key in keys)
-    return text or fallback
+def _counted(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [record for record in records if not record.get("error") and _number(record, "flops.total")]
 
 
 def resolution(record: dict[str, Any]) -> int | None:
-    config = flatten(record.get("config") or {})
-    if isinstance(config.get(RESOLUTION_KEY), int):
-        return config[RESOLUTION_KEY]
-    return (record.get("image") or {}).get("width")
+    """The input size that ran: ablate's choice, else the config's, else the measured image's width."""
+    size = cell_values(record, [RESOLUTION_KEY]).get(RESOLUTION_KEY)
+    return size if isinstance(size, int) else (record.get("image") or {}).get("width")
+
+
+def _bounded(record: dict[str, Any]) -> bool:
+    return record.get("count_basis") == "upper bound"
+
+
+def _random_count(record: dict[str, Any]) -> bool:
+    """Tokens an image-dependent reducer kept with random weights: says nothing about trained ones."""
+    return record.get("count_basis") == "measured image" and not record.get("weights")
 
 
 def title_context(records: list[dict[str, Any]]) -> str:
@@ -95,27 +102,16 @@ def title_context(records: list[dict[str, Any]]) -> str:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the (value, ttft) points, more value being better (visual tokens, accuracy), that no other point
-    beats: as much value or more in as little time or less, and strictly better in one. In order of TTFT."""
+    """Indices of the (value, cost) points, more value being better (visual tokens, accuracy) and less cost (TTFT,
+    FLOPs), that no other point beats: as much value or more at as little cost or less, and strictly better in one.
+    In order of cost."""
     order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
-    front, best_tokens = [], float("-inf")
+    front, best_value = [], float("-inf")
     for index in order:
-        if points[index][0] > best_tokens:
+        if points[index][0] > best_value:
             front.append(index)
-            best_tokens = points[index][0]
+            best_value = points[index][0]
     return front
-
-
-def _points(records: list[dict[str, Any]], series_keys_of) -> list[Point]:
-    varying = _varying(records)
-    return [
-        Point(
-            record,
-            _describe(record, varying, record.get("name") or "?"),
-            _describe(record, series_keys_of(varying), record.get("name") or "?"),
-        )
-        for record in records
-    ]
 
 
 def write_plots(
@@ -127,28 +123,36 @@ def write_plots(
     'cdn': a link, for pages viewed online; True: embedded in each file)."""
     Figure, FigureCanvasAgg, go = _libraries()
     records = list(records)
-    timed = _timed(records)
-    out = Path(out)
     if not records:
         raise ConfigError(
             "No rows to plot: the store (or the filter) holds none. Run a grid first, or loosen the filter."
         )
-    if not timed:
+    timed, counted = _timed(records), _counted(records)
+    if not timed and not counted:
         raise ConfigError(
-            f"None of the {len(records)} rows has timings to plot (count-only or failed cells only). Run the grid "
-            f"without --count-only."
+            f"None of the {len(records)} rows has timings or counts to plot (failed cells only). See why with "
+            f"`ablate results --status failed`, fix the cells and run the grid again."
         )
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    context = title_context(timed)
+    timed_context = title_context(timed) if timed else ""
     files: list[Path] = []
     notes: list[str] = []
-    for name, make in (
-        ("ttft_vs_tokens", _ttft_vs_tokens),
-        ("stage_latency", _stage_latency),
-        ("encoder_vs_resolution", _encoder_vs_resolution),
-        ("accuracy_vs_ttft", _accuracy_vs_ttft),
-    ):
-        made = make(timed, context, Figure, go)
+    plots: list[tuple[str, Callable, list[dict[str, Any]], str]] = [
+        ("ttft_vs_tokens", _ttft_vs_tokens, timed, timed_context),
+        ("stage_latency", _stage_latency, timed, timed_context),
+        ("encoder_vs_resolution", _encoder_vs_resolution, timed, timed_context),
+        ("accuracy_vs_ttft", _accuracy_vs_ttft, timed, timed_context),
+        ("flops_vs_tokens", _flops_vs_tokens, counted, COUNTED),
+        ("encoder_flops_vs_resolution", _encoder_flops_vs_resolution, counted, COUNTED),
+        ("params", _params, counted, COUNTED),
+    ]
+    for name, make, rows, context in plots:
+        if not rows:
+            why = "timings (count-only rows: see the FLOPs and params plots)" if rows is timed else "FLOP counts"
+            notes.append(f"{name}: no row has {why}")
+            continue
+        made = make(rows, context, Figure, go)
         if isinstance(made, str):
             notes.append(f"{name}: {made}")
             continue
@@ -162,131 +166,399 @@ def write_plots(
     return files, notes
 
 
-# ---------------------------------------------------------------------------------------------- the plots
+# ---------------------------------------------------------------------------------------------- look
 
 
-def _new_figure(Figure, title: str, context: str, height: float = 4.5):
-    figure = Figure(figsize=(7.5, height))
+def _wrap(text: str, width: int = WRAP) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
+
+
+def _new_figure(Figure, title: str, context: str, how_to_read: str = "", height: float = 4.8):
+    figure = Figure(figsize=(WIDTH_IN, height))
     axes = figure.add_subplot()
-    axes.set_title(f"{title}\n{context}", fontsize=10)
+    lines = [title, _wrap(context, 95)] + ([_wrap(how_to_read, 95)] if how_to_read else [])
+    axes.set_title("\n".join(lines), fontsize=9, loc="left")
     axes.grid(True, alpha=0.3)
     return figure, axes
 
 
-def _plotly_layout(go, title: str, context: str, x: str, y: str, **extra) -> Any:
+def _legend_below(figure, handles=None, title: str | None = None) -> None:
+    """The legend under the figure's panels, as many columns as fit the width: long names add height, not width."""
+    if handles is None:
+        handles = [handle for axes in figure.axes for handle in axes.get_legend_handles_labels()[0]]
+    figure.tight_layout(rect=(0, 0, 1, 0.98))
+    if not handles:
+        return
+    labels = [handle.get_label() for handle in handles]
+    longest = max(len(line) for label in labels for line in label.split("\n"))
+    columns = max(1, min(len(handles), int(150 // (longest + 8))))  # about 150 characters of 7 pt to a row
+    figure.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=columns,
+        fontsize=7,
+        title=title,
+        title_fontsize=7,
+        frameon=False,
+    )
+
+
+def _plotly_layout(go, title: str, context: str, x: str, y: str, how_to_read: str = "", **extra) -> Any:
+    subtitle = context + (f"<br>{how_to_read}" if how_to_read else "")
     return go.Layout(
-        title={"text": f"{title}<br><sup>{context}</sup>"},
+        title={"text": f"{title}<br><sup>{subtitle}</sup>"},
         xaxis={"title": {"text": x}},
         yaxis={"title": {"text": y}},
         template="plotly_white",
+        legend={"orientation": "h", "y": -0.2},
         **extra,
     )
 
 
-def _series(points: list[Point]) -> dict[str, list[Point]]:
-    groups: dict[str, list[Point]] = {}
-    for point in points:
-        groups.setdefault(point.series, []).append(point)
-    return groups
+@dataclass
+class Style:
+    """How a token plot tells cells apart: colour by one group of varying keys, marker by a second, dash by the rest;
+    the keys the x axis already shows (input size) join a series' cells into one line."""
+
+    colour_keys: list[str]
+    marker_keys: list[str]
+    dash_keys: list[str]
+
+    @classmethod
+    def of(cls, records: list[dict[str, Any]]) -> Style:
+        keys = [key for key in varying_keys(records) if key not in SIZE_KEYS]
+        keys = [key for key in keys if not _follows_from_names(records, key, keys)]
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(kind_of(key) or "", []).append(key)
+        order = [kind for kind in (*KINDS, "") if kind in groups]
+        pick = [groups[kind] for kind in order[:2]]
+        return cls(
+            pick[0] if pick else [], pick[1] if len(pick) > 1 else [], [k for kind in order[2:] for k in groups[kind]]
+        )
+
+    def values(self, record: dict[str, Any]) -> tuple[str, str, str]:
+        return tuple(
+            cell_label(record, keys, fallback="") for keys in (self.colour_keys, self.marker_keys, self.dash_keys)
+        )
+
+
+def _follows_from_names(records: list[dict[str, Any]], key: str, keys: list[str]) -> bool:
+    """An option one value per combination of the varying component names (`reducer.score` that `auto` chose for
+    each encoder): the colour and marker show it already."""
+    names = [k for k in keys if kind_of(k) and k.endswith(".name")]
+    if key in names or not names:
+        return False
+    seen: dict[str, set] = {}
+    for record in records:
+        values = cell_values(record, [*names, key])
+        seen.setdefault(repr([values.get(k) for k in names]), set()).add(repr(values.get(key)))
+    return all(len(found) == 1 for found in seen.values())
+
+
+def _wide(values: list[float]) -> bool:
+    """A range wide enough for a log axis (one encoder at 16 tokens, another at 12,000)."""
+    positive = [v for v in values if v and v > 0]
+    return bool(positive) and max(positive) > 20 * min(positive)
+
+
+def _plain_log_labels(axis) -> None:
+    """A log axis labelled 20, 50, 100 rather than 2x10^1."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _token_plot(points, y_of, title, context, how_to_read, x_label, y_label, front_label, Figure, go):
+    """Y against visual tokens: colour and marker by the first two groups of varying keys (Style), one panel per
+    value of the rest (the decoder: TTFT is comparable only at one LLM), one line per series (cells that differ
+    only in input size), each point named by its size, each panel's Pareto front dashed (most tokens, least Y)."""
+    from matplotlib.lines import Line2D
+
+    style = Style.of(points)
+    colours: dict[str, str] = {}
+    markers: dict[str, tuple[str, str]] = {}
+    dashes: dict[str, tuple[str, str]] = {}
+    panels: dict[str, dict[tuple[str, str], list[dict[str, Any]]]] = {}
+    for record in points:
+        colour, marker, panel = style.values(record)
+        colours.setdefault(colour, COLORS[len(colours) % len(COLORS)])
+        markers.setdefault(marker, MARKERS[len(markers) % len(MARKERS)])
+        dashes.setdefault(panel, DASHES[len(dashes) % len(DASHES)])
+        panels.setdefault(panel, {}).setdefault((colour, marker), []).append(record)
+    columns = 1 if len(panels) <= 3 else 2
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(WIDTH_IN, 1.6 + (3.6 if rows == 1 else 2.9 * rows)))
+    grid = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    log_x = _wide([r["visual_tokens"] for r in points])
+    log_y = _wide([y_of(r) for r in points])
+    traces = []
+    for index, (panel, series) in enumerate(panels.items()):
+        axes = grid[index // columns][index % columns]
+        axes.grid(True, alpha=0.3)
+        if panel:
+            axes.set_title(panel, fontsize=8, loc="left")
+        members_of_panel = [r for members in series.values() for r in members]
+        for (colour, marker), members in series.items():
+            members.sort(key=lambda r: r["visual_tokens"])
+            xs, ys = [r["visual_tokens"] for r in members], [y_of(r) for r in members]
+            color, (mpl_marker, plotly_marker) = colours[colour], markers[marker]
+            axes.plot(xs, ys, color=color, alpha=0.6, linewidth=1.1)
+            for record, x, y in zip(members, xs, ys):
+                faces = "none" if _bounded(record) else color
+                axes.scatter([x], [y], marker=mpl_marker, s=28, zorder=3, edgecolors=color, facecolors=faces)
+                if resolution(record):
+                    text = f"{resolution(record)}{'*' if _random_count(record) else ''}"
+                    axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, -8), fontsize=6)
+            traces.append(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode="lines+markers",
+                    name=" ".join(part for part in (colour, marker, panel) if part) or "cells",
+                    line={"color": color, "dash": dashes[panel][1]},
+                    marker={"symbol": [plotly_marker + ("-open" if _bounded(r) else "") for r in members], "size": 9},
+                    text=[cell_label(r, varying_keys(points)) + (" (at most)" if _bounded(r) else "") for r in members],
+                    hovertemplate="%{text}<br>%{x} visual tokens<br>" + y_label + " %{y:,.1f}<extra></extra>",
+                )
+            )
+        front = [members_of_panel[i] for i in pareto_front([(r["visual_tokens"], y_of(r)) for r in members_of_panel])]
+        fx, fy = [r["visual_tokens"] for r in front], [y_of(r) for r in front]
+        axes.step(fx, fy, where="pre", color="black", linestyle="--", linewidth=0.8, zorder=2)
+        traces.append(
+            go.Scatter(
+                x=fx, y=fy, mode="lines", line={"shape": "vh", "dash": "dash", "color": "black"}, name=front_label
+            )
+        )
+        if log_x:
+            axes.set_xscale("log", base=2)
+        if log_y:
+            axes.set_yscale("log")
+        if index // columns == rows - 1 or index + columns >= len(panels):
+            axes.set_xlabel(x_label, fontsize=8)
+            axes.tick_params(axis="x", labelbottom=True)
+        if index % columns == 0:
+            axes.set_ylabel(y_label, fontsize=8)
+    for index in range(len(panels), rows * columns):  # an odd panel count leaves one cell empty
+        grid[index // columns][index % columns].set_visible(False)
+    if log_x:
+        from matplotlib.ticker import ScalarFormatter
+
+        grid[0][0].xaxis.set_major_formatter(ScalarFormatter())
+    if log_y:
+        _plain_log_labels(grid[0][0].yaxis)
+    figure.suptitle("\n".join([title, _wrap(context, 110), _wrap(how_to_read, 110)]), fontsize=9, x=0.06, ha="left")
+    # One legend for all panels: what the colours and markers mean, the front, hollow markers.
+    handles = [Line2D([], [], color=c, marker="o", linestyle="-", label=_wrap(v)) for v, c in colours.items() if v]
+    handles += [
+        Line2D([], [], color="#555", marker=m, linestyle="none", label=_wrap(v)) for v, (m, _) in markers.items() if v
+    ]
+    handles.append(Line2D([], [], color="black", linestyle="--", linewidth=0.8, label=front_label))
+    if any(_bounded(r) for r in points):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="#555",
+                marker="o",
+                markerfacecolor="none",
+                linestyle="none",
+                label="hollow: at most (a reducer that decides by the image)",
+            )
+        )
+    if any(_random_count(r) for r in points):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                label="*: tokens an adaptive reducer kept on random weights (not a trained count)",
+            )
+        )
+    _legend_below(figure, handles, title="the numbers at the points: input size (px) as it ran")
+    layout = _plotly_layout(go, title, context, x_label, y_label, how_to_read)
+    layout.xaxis.type = "log" if log_x else None
+    layout.yaxis.type = "log" if log_y else None
+    return figure, go.Figure(traces, layout)
 
 
 def _ttft_vs_tokens(records, context, Figure, go):
-    points = [
-        p
-        for p in _points(records, lambda keys: [k for k in keys if k != RESOLUTION_KEY])
-        if isinstance(p.record.get("visual_tokens"), int)
-    ]
+    points = [r for r in records if isinstance(r.get("visual_tokens"), int)]
     if not points:
-        return "no timed row has a fixed number of visual tokens"
-    title, x_label, y_label = "TTFT vs visual tokens", "visual tokens (per image)", "TTFT (ms)"
-    figure, axes = _new_figure(Figure, title, context)
-    traces = []
-    for index, (series, members) in enumerate(_series(points).items()):
-        members = sorted(members, key=lambda p: p.record["visual_tokens"])
-        xs = [p.record["visual_tokens"] for p in members]
-        ys = [p.latency("ttft") for p in members]
-        color = COLORS[index % len(COLORS)]
-        axes.plot(xs, ys, "o-", color=color, label=series, alpha=0.85)
-        for p, x, y in zip(members, xs, ys):
-            if resolution(p.record):
-                axes.annotate(
-                    f"{resolution(p.record)} px", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7
-                )
-        traces.append(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode="lines+markers",
-                name=series,
-                marker={"color": color},
-                text=[p.label for p in members],
-                hovertemplate="%{text}<br>%{x} visual tokens<br>TTFT %{y:.1f} ms<extra></extra>",
-            )
-        )
-    front = [points[i] for i in pareto_front([(p.record["visual_tokens"], p.latency("ttft")) for p in points])]
-    fx, fy = [p.record["visual_tokens"] for p in front], [p.latency("ttft") for p in front]
-    axes.step(fx, fy, where="pre", color="black", linestyle="--", linewidth=1, label="Pareto front")
-    axes.set_xlabel(x_label)
-    axes.set_ylabel(y_label)
-    axes.legend(fontsize=7)
-    traces.append(
-        go.Scatter(
-            x=fx, y=fy, mode="lines", line={"shape": "vh", "dash": "dash", "color": "black"}, name="Pareto front"
-        )
+        return "no timed row has a number of visual tokens"
+    return _token_plot(
+        points,
+        lambda r: _number(r, "latency_ms.ttft"),
+        "TTFT vs visual tokens: at equal tokens, lower is faster",
+        context,
+        "Dashed: the Pareto front, the cells no other cell beats with as many tokens or more at a TTFT as low or "
+        "lower (better: right and down).",
+        "visual tokens per image (more: more image detail for the LLM)",
+        "TTFT (ms), lower is better",
+        "Pareto front (most tokens for the TTFT)",
+        Figure,
+        go,
     )
-    return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label))
+
+
+def _flops_vs_tokens(records, context, Figure, go):
+    points = [r for r in records if isinstance(r.get("visual_tokens"), int)]
+    if not points:
+        return "no row has a number of visual tokens"
+    return _token_plot(
+        points,
+        lambda r: _number(r, "flops.total") / 1e9,
+        "FLOPs vs visual tokens: at equal tokens, lower costs less",
+        context,
+        "Dashed: the Pareto front, the cells no other cell beats with as many tokens or more at as few FLOPs or "
+        "fewer (better: right and down).",
+        "visual tokens per image (more: more image detail for the LLM)",
+        "GFLOPs to the first token, lower is better",
+        "Pareto front (most tokens for the FLOPs)",
+        Figure,
+        go,
+    )
+
+
+def _stacked_bars(items, parts, title, context, how_to_read, x_label, Figure, go, marks=None, ends=None):
+    """One horizontal bar per (label, {part: value}) item, its parts stacked; `marks`: (name, a value per item)
+    drawn as |; `ends`: a text per item written after its bar."""
+    labels = [_wrap(label) for label, _ in items]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    figure, axes = _new_figure(
+        Figure, title, context, how_to_read, height=max(3.0, 1.8 + 0.2 * lines + 0.08 * len(items))
+    )
+    left = [0.0] * len(items)
+    traces = []
+    for index, (part, name) in enumerate(parts.items()):
+        widths = [values.get(part) or 0.0 for _, values in items]
+        color = COLORS[index % len(COLORS)]
+        axes.barh(labels, widths, left=left, color=color, label=name)
+        traces.append(
+            go.Bar(y=[label for label, _ in items], x=widths, name=name, orientation="h", marker={"color": color})
+        )
+        left = [a + b for a, b in zip(left, widths)]
+    if marks:
+        label, values = marks
+        axes.scatter(values, labels, marker="|", s=200, color="black", label=label, zorder=3)
+    for label, text, width in zip(labels, ends or [], left):
+        axes.annotate(text, (width, label), textcoords="offset points", xytext=(4, 0), va="center", fontsize=7)
+    if ends:
+        axes.set_xlim(0, max(left) * 1.3)  # room for the texts
+    axes.invert_yaxis()  # the first item on top
+    axes.set_xlabel(x_label)
+    axes.tick_params(axis="y", labelsize=7)
+    _legend_below(figure)
+    layout = _plotly_layout(
+        go, title, context, x_label, "", how_to_read, barmode="stack", height=max(350, 160 + 24 * len(items))
+    )
+    layout.yaxis.autorange = "reversed"
+    return figure, go.Figure(traces, layout)
 
 
 def _stage_latency(records, context, Figure, go):
-    points = sorted(_points(records, lambda keys: keys), key=lambda p: p.latency("ttft"))
-    title, x_label = "Latency per stage", "latency (ms), median over repeats"
-    figure, axes = _new_figure(Figure, title, context, height=max(2.5, 1.2 + 0.35 * len(points)))
-    labels = [p.label for p in points]
-    left = [0.0] * len(points)
+    records = sorted(records, key=lambda r: _number(r, "latency_ms.ttft"))
+    labels = cell_labels(records)
+    items = [
+        (label, {stage: _number(r, f"latency_ms.{stage}") for stage in STAGES}) for label, r in zip(labels, records)
+    ]
+    return _stacked_bars(
+        items,
+        STAGE_NAMES,
+        "Latency per stage, fastest cell on top",
+        context,
+        "Bars: each stage's median over repeats, stacked; |: the TTFT of one whole call.",
+        "latency (ms), median over repeats",
+        Figure,
+        go,
+        marks=("TTFT (one call)", [_number(r, "latency_ms.ttft") for r in records]),
+    )
+
+
+def _params(records, context, Figure, go):
+    """One bar per distinct model (cells that differ only in what does not change parameters share one)."""
+    components = {kind: kind for kind in KINDS}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(tuple(_number(record, f"params.{kind}") for kind in KINDS), []).append(record)
+    # a bar is named by the varying keys its cells share (a ViT's size changes its position embeddings: named)
+    keys = varying_keys(records)
+    items = []
+    for members in groups.values():
+        shared = [key for key in keys if len({repr(cell_values(r, [key])) for r in members}) == 1]
+        first = members[0]
+        items.append(
+            (cell_label(first, shared), {kind: (_number(first, f"params.{kind}") or 0) / 1e6 for kind in KINDS})
+        )
+    items.sort(key=lambda item: sum(item[1].values()))
+    return _stacked_bars(
+        items,
+        components,
+        "Parameters per component, smallest model on top",
+        context,
+        "One bar per distinct model: cells with the same parameters in every component share one (a ViT's "
+        "position embeddings grow with its input size; most reducers have none).",
+        "parameters (millions)",
+        Figure,
+        go,
+        ends=[f"{sum(values.values()):,.0f}M, encoder {values[KINDS[0]]:,.0f}M" for _, values in items],
+    )
+
+
+def _by_resolution(records, y_of, title, context, y_label, Figure, go):
+    """Y against input resolution, one line per encoder (the encoder's keys that vary, input size aside); several
+    cells of one encoder at one size (other components varied) count once, by their smallest Y."""
+    keys = [key for key in varying_keys(records) if kind_of(key) == KINDS[0] and key not in SIZE_KEYS]
+    points = [r for r in records if resolution(r) and y_of(r) is not None]
+    if len({resolution(r) for r in points}) < 2:
+        return "the rows span fewer than two input resolutions"
+    series: dict[str, dict[int, float]] = {}
+    for record in points:
+        by_size = series.setdefault(cell_label(record, keys, fallback="encoder"), {})
+        size = resolution(record)
+        by_size[size] = min(by_size.get(size, float("inf")), y_of(record))
+    x_label = "input resolution (px, square side), as it ran"
+    figure, axes = _new_figure(Figure, title, context, "Lower is better; each line one encoder.")
+    log_y = _wide([y for by_size in series.values() for y in by_size.values()])
+    if log_y:
+        axes.set_yscale("log")
+        _plain_log_labels(axes.yaxis)
     traces = []
-    for index, stage in enumerate(STAGES):
-        widths = [p.latency(stage) for p in points]
+    for index, (name, by_size) in enumerate(series.items()):
+        xs = sorted(by_size)
+        ys = [by_size[x] for x in xs]
         color = COLORS[index % len(COLORS)]
-        axes.barh(labels, widths, left=left, color=color, label=STAGE_NAMES[stage])
-        traces.append(go.Bar(y=labels, x=widths, name=STAGE_NAMES[stage], orientation="h", marker={"color": color}))
-        left = [a + b for a, b in zip(left, widths)]
-    axes.scatter([p.latency("ttft") for p in points], labels, marker="|", s=200, color="black", label="TTFT", zorder=3)
+        axes.plot(xs, ys, "o-", color=color, label=_wrap(name))
+        traces.append(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, marker={"color": color}))
     axes.set_xlabel(x_label)
-    axes.tick_params(axis="y", labelsize=7)
-    axes.legend(fontsize=7, loc="lower right")
-    layout = _plotly_layout(go, title, context, x_label, "", barmode="stack", height=max(300, 120 + 28 * len(points)))
+    axes.set_ylabel(y_label)
+    _legend_below(figure)
+    layout = _plotly_layout(go, title, context, x_label, y_label, "Lower is better.")
+    layout.yaxis.type = "log" if log_y else None
     return figure, go.Figure(traces, layout)
 
 
 def _encoder_vs_resolution(records, context, Figure, go):
-    def encoder_keys(keys):
-        chosen = [k for k in keys if k.startswith("encoder.") and k != RESOLUTION_KEY]
-        return chosen or ["encoder.name"]
-
-    points = [p for p in _points(records, encoder_keys) if resolution(p.record)]
-    if len({resolution(p.record) for p in points}) < 2:
-        return "the rows span fewer than two input resolutions"
-    title, x_label, y_label = (
+    return _by_resolution(
+        records,
+        lambda r: _number(r, "latency_ms.encoder"),
         "Encoder latency vs input resolution",
-        "input resolution (px, square side)",
-        "encoder latency (ms)",
+        context,
+        "encoder latency (ms), median over repeats",
+        Figure,
+        go,
     )
-    figure, axes = _new_figure(Figure, title, context)
-    traces = []
-    for index, (series, members) in enumerate(_series(points).items()):
-        by_size: dict[int, float] = {}
-        for p in members:  # several cells of one encoder at one size (other keys varied): their fastest
-            size = resolution(p.record)
-            by_size[size] = min(by_size.get(size, float("inf")), p.latency("encoder"))
-        xs = sorted(by_size)
-        ys = [by_size[x] for x in xs]
-        color = COLORS[index % len(COLORS)]
-        axes.plot(xs, ys, "o-", color=color, label=series)
-        traces.append(go.Scatter(x=xs, y=ys, mode="lines+markers", name=series, marker={"color": color}))
-    axes.set_xlabel(x_label)
-    axes.set_ylabel(y_label)
-    axes.legend(fontsize=7)
-    return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label))
+
+
+def _encoder_flops_vs_resolution(records, context, Figure, go):
+    def gflops(record):
+        flops = _number(record, "flops.encoder")
+        return None if flops is None else flops / 1e9
+
+    return _by_resolution(records, gflops, "Encoder FLOPs vs input resolution", context, "encoder GFLOPs", Figure, go)
 
 
 def _accuracy(record: dict[str, Any]) -> float | None:
@@ -296,28 +568,28 @@ def _accuracy(record: dict[str, Any]) -> float | None:
 
 
 def _accuracy_vs_ttft(records, context, Figure, go):
-    points = [p for p in _points(records, lambda keys: []) if _accuracy(p.record) is not None]
+    points = [r for r in records if _accuracy(r) is not None]
     if not points:
         return "no row has an accuracy (`ablate eval --db` stores one)"
-    points.sort(key=lambda p: p.latency("ttft"))
-    title, x_label, y_label = "Accuracy vs TTFT", "TTFT (ms)", "exact match (%)"
-    figure, axes = _new_figure(Figure, title, context)
-    xs, ys = [p.latency("ttft") for p in points], [_accuracy(p.record) for p in points]
+    points.sort(key=lambda r: _number(r, "latency_ms.ttft"))
+    title, x_label, y_label = "Accuracy vs TTFT", "TTFT (ms), lower is better", "exact match (%), higher is better"
+    how_to_read = "Dashed: the Pareto front, the runs no other run beats with as high an accuracy at as low a TTFT."
+    figure, axes = _new_figure(Figure, title, context, how_to_read)
+    xs, ys = [_number(r, "latency_ms.ttft") for r in points], [_accuracy(r) for r in points]
     axes.scatter(xs, ys, color=COLORS[0], zorder=3)
     # Trained variants differ in their run folders (weights, tokenizer) and timing image too: name them by the rest.
-    flat = [flatten(p.record.get("config") or {}) for p in points]
     shown = [
         key
-        for key in _varying([p.record for p in points])
-        if not key.startswith("run.") and not any("/" in str(config.get(key, "")) for config in flat)
+        for key in varying_keys(points)
+        if not key.startswith("run.") and not any("/" in str(v) for r in points for v in cell_values(r, [key]).values())
     ]
-    labels = [_describe(p.record, shown, p.label) for p in points]
+    labels = [cell_label(r, shown) for r in points]
     for label, x, y in zip(labels, xs, ys):
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     front = [points[i] for i in pareto_front([(y, x) for x, y in zip(xs, ys)])]
-    fx, fy = [p.latency("ttft") for p in front], [_accuracy(p.record) for p in front]
+    fx, fy = [_number(r, "latency_ms.ttft") for r in front], [_accuracy(r) for r in front]
     axes.step(fx, fy, where="post", color="black", linestyle="--", linewidth=1, label="Pareto front")
-    chances = {p.record["accuracy"].get("chance") for p in points} - {None}
+    chances = {r["accuracy"].get("chance") for r in points} - {None}
     traces = [
         go.Scatter(
             x=xs,
@@ -339,5 +611,5 @@ def _accuracy_vs_ttft(records, context, Figure, go):
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.set_ylim(0, 105)
-    axes.legend(fontsize=7)
-    return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label))
+    _legend_below(figure)
+    return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label, how_to_read))
