@@ -333,10 +333,7 @@ class Store:
         ).fetchone():
             return
         sample = [json.loads(record) for (record,) in self.db.execute("SELECT record FROM cells LIMIT 200")]
-        raise ConfigError(
-            f"{missing_path(path, sample)} A path is a dotted path into the record, or starts with encoder, reducer, "
-            f"connector or decoder for the config's components."
-        )
+        raise ConfigError(missing_path(path, sample))
 
     def explain_empty(self, filters: Iterable[str], grid: str | None = None, status: str | None = None) -> str:
         """Why `rows(grid, filters, status)` found nothing: each filter that alone matches no row, with the values

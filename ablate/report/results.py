@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ablate.api.errors import ConfigError
-from ablate.cli.flags import DEFAULT_DB
 from ablate.grid.store import Row, Store, order_key, record_path
 from ablate.measurement.record import value_at
 
+DEFAULT_DB = "results/ablate.db"  # the CLI's --db default too (ablate.cli.flags); the report wing cannot import it
 ROW_NAMES = ("key", "label", "status")  # not record paths: what names a row
 ACCURACY_COLUMNS = ("accuracy.exact_match", "accuracy.anls", "accuracy.n")
 # What the table shows unless --columns says otherwise (accuracy columns join when some row has them).
@@ -145,9 +145,20 @@ def short_labels(rows: Sequence[Row]) -> dict[str, str]:
     return labels
 
 
+def check_values(rows: Sequence[Row], paths: Iterable[str], what: str) -> None:
+    """A path that sorts or lays out a pivot names one value, not a block of them (`latency_ms`)."""
+    for path in paths:
+        for row in rows:
+            block = value_of(row, path)
+            if isinstance(block, dict):
+                fields = ", ".join(f"{path}.{name}" for name in block)
+                raise ConfigError(f"{what} '{path}' is a block of values; name one of them: {fields}.")
+
+
 def sort_rows(rows: Sequence[Row], paths: Sequence[str], descending: bool = False) -> list[Row]:
     """Rows ordered by the values at `paths`, the first path first; rows missing a value go last either way."""
     rows = list(rows)
+    check_values(rows, paths, "--sort path")
     labels = short_labels(rows) if "label" in paths else None
     for path in reversed(paths):  # stable sorts, least significant key first
         present = [row for row in rows if value_of(row, path, labels) is not None]
@@ -199,6 +210,7 @@ def pivot(rows: Sequence[Row], index: Sequence[str], column: str, value: str) ->
     naming what tells them apart."""
     from ablate.report.labels import varying_keys
 
+    check_values(rows, [*index, column, value], "--pivot path")
     labels = short_labels(rows)
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
@@ -209,10 +221,11 @@ def pivot(rows: Sequence[Row], index: Sequence[str], column: str, value: str) ->
         if len({repr(value_of(row, value, labels)) for row in members}) > 1:
             differ = varying_keys([row.record for row in members]) or ["key"]
             at = ", ".join(f"{path}={item}" for path, item in zip([*index, column], [*row_key, column_key]))
+            one = " ".join(f"{path}={value_of(members[0], path)}" for path in differ)
             raise ConfigError(
                 f"--pivot: {len(members)} rows with different {value} land at {at}; they differ in "
-                f"{', '.join(differ)}. Filter them to one (e.g. {differ[0]}={value_of(members[0], differ[0])}) or add "
-                f"it to the rows (--pivot {'+'.join([*index, differ[0]])},{column},{value})."
+                f"{', '.join(differ)}. Filter them to one (e.g. {one}) or add them to the rows "
+                f"(--pivot {'+'.join([*index, *differ])},{column},{value})."
             )
         cells[(row_key, column_key)] = members[0]
     row_keys = list(dict.fromkeys(row_key for row_key, _ in groups))
@@ -239,19 +252,19 @@ def pivot_notes(layout: Pivot) -> list[str]:
     """What a reader of a pivot must know: where a config path is what was asked but ablate ran another value (a
     nearest size, a size for N tokens: the record's `choices`)."""
     notes = []
-    for position, path in enumerate([*layout.index, layout.column]):
+    for path in [*layout.index, layout.column]:
         resolved = record_path(path)
         if not resolved.startswith("config."):
             continue
-        ran: dict[str, dict[str, None]] = {}  # 'asked->chosen' -> the table lines it happened on
+        ran: dict[str, dict[str, None]] = {}  # table line -> 'asked->ran' of its cells
         for (row_key, _), row in layout.cells.items():
             asked, chosen = value_at(row.record, resolved), (row.record.get("choices") or {}).get(resolved[7:])
             if chosen is not None and chosen != asked:
-                where = " ".join(str(item) for item in row_key) if position == len(layout.index) else ""
-                ran.setdefault(f"{asked}->{chosen}", {})[where] = None
-        if ran:
-            pairs = ", ".join(
-                f"{pair} ({', '.join(w for w in where if w)})" if any(where) else pair for pair, where in ran.items()
-            )
-            notes.append(f"{path} is what was asked; cells that ran another value (the record's `choices`): {pairs}.")
+                ran.setdefault(" ".join(str(item) for item in row_key), {})[f"{asked}->{chosen}"] = None
+        lines: dict[tuple, list[str]] = {}  # the same changes on several lines: said once
+        for line, changes in ran.items():
+            lines.setdefault(tuple(changes), []).append(line)
+        if lines:
+            said = "; ".join(f"{', '.join(changes)} on {', '.join(where)}" for changes, where in lines.items())
+            notes.append(f"{path} is what was asked; cells ran another value (the record's `choices`): {said}.")
     return notes

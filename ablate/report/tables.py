@@ -8,9 +8,10 @@ import csv
 import json
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ablate.api.errors import first_line
 from ablate.grid.store import record_path
@@ -148,15 +149,16 @@ def _print_profile(profile: dict[str, Any], out: Console) -> None:
 
 
 def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key: bool = False) -> Table:
-    """One line per stored row: its cell, status and figures (count-only and failed rows show '-')."""
+    """One line per stored row: its cell (a short label: only what varies across the rows), status and figures
+    (count-only and failed rows show '-'). A figure column no row has a value in is left out, and so is the error
+    column when no row failed."""
     table = Table(title=escape(title), title_justify="left")
     columns = ["#"] + (["key"] if show_key else []) + ["cell", "status", "visual tok", "TTFT ms", "encoder ms"]
     columns += ["prefill ms", "GFLOPs", "params M", "peak MB"]
     accuracy = accuracy_columns(rows)
     columns += [column_header(path) for path in accuracy] + ["error"]
     labels = short_labels(rows)
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("cell", "status", "error", "key") else "right")
+    lines = []
     for index, row in enumerate(rows, 1):
         record, error = row.record, row.record.get("error")
         status = "failed" if error else "ok"
@@ -173,9 +175,18 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
             _num(value_at(record, "params.total"), 1e6, 1),
             _num(record.get("peak_memory_mb")),
             *(cell_text(row, path) for path in accuracy),
-            escape(f"{error.get('type')}: {first_line(error.get('message'), width=90)}") if error else "",
+            # short enough for one line beside the rest; `--columns label,error` and --jsonl show more
+            escape(first_line(f"{error.get('type')}: {error.get('message')}", width=45)) if error else "",
         ]
-        table.add_row(*cells)
+        lines.append(cells)
+    named = {"#", "key", "cell", "status"}  # what names a row: always shown
+    shown = [
+        i for i, column in enumerate(columns) if column in named or any(line[i] not in ("-", "") for line in lines)
+    ]
+    for i in shown:
+        table.add_column(columns[i], justify="left" if columns[i] in ("cell", "status", "error", "key") else "right")
+    for line in lines:
+        table.add_row(*(line[i] for i in shown))
     return table
 
 
@@ -273,13 +284,11 @@ def columns_table(rows: list, columns: list[str], title: str) -> Table:
     return table
 
 
-def pivot_table(layout: Pivot, title: str) -> Table:
+def pivot_table(layout: Pivot, title: str) -> Group:
     """A pivot: one line per value of its row paths, one column per value of its column path, its value in the cells
     ('failed' where that cell failed, '-' where it has no value, empty where no row is)."""
-    table = Table(
-        title=escape(f"{title}: {column_header(layout.value)} by {' + '.join(layout.index)} and {layout.column}"),
-        title_justify="left",
-    )
+    title = f"{column_header(layout.value)} by {' + '.join(layout.index)} (lines) and {layout.column}; {title}"
+    table = Table()
     for path in layout.index:
         table.add_column(escape(path), justify="left")
     for key in layout.column_keys:
@@ -295,4 +304,4 @@ def pivot_table(layout: Pivot, title: str) -> Table:
             else:
                 texts.append(escape(cell_text(row, layout.value)))
         table.add_row(*(escape("-" if item is None else str(item)) for item in row_key), *texts)
-    return table
+    return Group(Text(title), table)  # the title above, not wrapped to the width of a narrow table
