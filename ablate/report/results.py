@@ -249,9 +249,13 @@ def pivot_json(layout: Pivot) -> dict[str, Any]:
 
 
 def pivot_notes(layout: Pivot) -> list[str]:
-    """What a reader of a pivot must know: where a config path is what was asked but ablate ran another value (a
-    nearest size, a size for N tokens: the record's `choices`)."""
+    """What a reader of a pivot must know: that a token count is an upper bound; where a config path is what was
+    asked but ablate ran another value (a nearest size, a size for N tokens: the record's `choices`)."""
     notes = []
+    if record_path(layout.value) == "visual_tokens" and any(
+        row.record.get("count_basis") == "upper bound" for row in layout.cells.values()
+    ):
+        notes.append("<=N: the cell's reducer decides its tokens by the image; N is the most it can keep.")
     for path in [*layout.index, layout.column]:
         resolved = record_path(path)
         if not resolved.startswith("config."):
