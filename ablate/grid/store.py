@@ -140,7 +140,8 @@ def missing_path(path: str, records: Iterable[dict[str, Any]]) -> str:
     else:
         keys.update(KINDS)
         where = f"Paths at the top ({', '.join(KINDS)}: the config's components, e.g. encoder.image_size)"
-    return f"No row has '{path}'.{did_you_mean(parts[depth], keys)} {where}: {', '.join(sorted(keys))}."
+    listed = f"{where}: {', '.join(sorted(keys))}." if keys else f"No row has a key under {parent}."
+    return f"No row has '{path}'.{did_you_mean(parts[depth], keys)} {listed}"
 
 
 class Store:
