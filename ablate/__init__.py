@@ -4,6 +4,7 @@
     record = ablate.measure("fastvlm-0.5b", ["encoder.image_size=512"], repeats=3)   # an ablate.Record
     planned = ablate.plan("fastvlm-7b")          # params, tokens, FLOPs on the meta device, in a fraction of a second
     vlm = ablate.build("fastvlm-0.5b")                                               # an nn.Module
+    rows = ablate.results("results/r.db", where=["encoder=clip*"], as_frame=True)   # a results store's rows
 
 Plugins import `ablate.api` (see CONTRIBUTING.md), nothing else.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from ablate.version import __version__
 
-__all__ = ["VLM", "Record", "__version__", "build", "from_checkpoint", "load_config", "measure", "plan"]
+__all__ = ["VLM", "Record", "__version__", "build", "from_checkpoint", "load_config", "measure", "plan", "results"]
 
 # The entry points above, imported on first use: `import ablate` and the CLI's startup stay light, and torch loads
 # only when a model is needed. Module names differ from these names, so nothing shadows them.
@@ -24,6 +25,7 @@ _LAZY = {
     "measure": "ablate.measurement.measure",
     "plan": "ablate.measurement.measure",
     "Record": "ablate.measurement.record",
+    "results": "ablate.report.results",
 }
 
 

@@ -62,6 +62,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         (root / f"{name}.yaml").write_text(text)
     (root / "not-a-db.db").write_text("this is not SQLite")
     Store(root / "x.db").close()  # an empty results store
+    with Store(root / "rows.db") as store:  # a store with a row: the paths of filters, sorts, columns are checked
+        store.put("k", Record().to_dict(), "k")
     return {"root": root, "list_checkpoint": list_checkpoint, "huge": huge}
 
 
@@ -200,6 +202,15 @@ BAD_INPUT = [
     (["results", "--db", "{root}/not-a-db.db"], 2, "is not an ablate results store"),
     (["results", "--db", "{root}/x.db", "--grid", "nope"], 2, "Grid 'nope' is not in"),
     (["results", "--db", "{root}/x.db", "visual_tokens~4"], 2, "is not PATH=VALUE"),
+    (["results", "--db", "{root}/rows.db", "encodr=clip*"], 2, "No row has 'encodr'. Did you mean 'encoder'?"),
+    (["results", "--db", "{root}/rows.db", "--sort", "latency_ms.tfft"], 2, "Unknown --sort path 'latency_ms.tfft'"),
+    (["results", "--db", "{root}/rows.db", "--columns", "name,visual_token"], 2, "Did you mean 'visual_tokens'?"),
+    (["results", "--db", "{root}/rows.db", "--pivot", "name,visual_tokens"], 2, "is not ROWS,COLUMNS,VALUE"),
+    (
+        ["results", "--db", "{root}/rows.db", "--pivot", "nme,visual_tokens,flops.total"],
+        2,
+        "Unknown --pivot path 'nme'",
+    ),
     (["plot", "--db", "{root}/missing.db"], 2, "No results store at"),
     (["plot", "--db", "{root}/x.db", "--out", "{root}/plots"], 2, "No rows to plot"),
     # Reducers: budgets, scores and layers are checked at build time, naming the options.
@@ -308,7 +319,7 @@ def _check_paragraph(stderr: str, phrase: str) -> None:
 def test_bad_input_table(args, code, phrase, files, capsys):
     args = _fill(args, files)
     wants_json = args[:1] in (["run"], ["grid"])
-    wants_json = args[:1] in (["run"], ["eval"])
+    wants_json = args[:1] in (["run"], ["eval"], ["results"])
     assert main(args + (["--json"] if wants_json else [])) == code
     captured = capsys.readouterr()
     _check_paragraph(captured.err, phrase)

@@ -40,15 +40,41 @@ def add_commands(sub) -> None:
     results = sub.add_parser(
         "results",
         parents=[parent("db", "debug")],
-        help="show stored results (filters: encoder=NAME 'visual_tokens<=256' ...)",
+        help="show stored results (filters: encoder=clip* 'visual_tokens<=256' ...; --sort, --columns, --pivot)",
+        description="PATH: a dotted path into the record (latency_ms.ttft, visual_tokens, accuracy.exact_match), or "
+        "encoder/reducer/connector/decoder for the config's components (encoder = config.encoder.name, "
+        "encoder.image_size); key, label and status name a row.",
     )
-    results.add_argument("overrides", nargs="*", metavar="FILTER", help="PATH=VALUE (or != < <= > >=) on the record")
+    results.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="FILTER",
+        help="PATH=VALUE (or != < <= > >=) on the record; a text VALUE with * ? [...] is a pattern (encoder=clip*)",
+    )
+    results.add_argument("--sort", metavar="PATH,...", help="order the rows by these paths (missing values last)")
+    results.add_argument("--desc", action="store_true", help="with --sort: largest first")
+    results.add_argument(
+        "--columns",
+        metavar="PATH,...",
+        help="show these columns (a block such as latency_ms: each of its fields); also for --csv and --json",
+    )
+    results.add_argument(
+        "--pivot",
+        metavar="ROWS,COLUMNS,VALUE",
+        help="a table of VALUE with a line per value of ROWS and a column per value of COLUMNS, e.g. "
+        "encoder,encoder.image_size,latency_ms.ttft (ROWS may join paths with +: encoder+reducer)",
+    )
     results.add_argument("--grid", help="only this grid's cells, in grid order (ids: see `ablate results --grids`)")
     results.add_argument("--grids", action="store_true", help="list the grids in the store")
     results.add_argument("--status", choices=("ok", "failed"), help="only ok or only failed cells")
     results.add_argument("--jsonl", action="store_true", help="print one JSON record per row on stdout")
     results.add_argument(
         "--csv", metavar="FILE", help="write the rows as CSV, one column per record field (- for stdout)"
+    )
+    results.add_argument(
+        "--json",
+        action="store_true",
+        help='print the table as one JSON object: {"columns": [...], "rows": [{column: value}, ...]}',
     )
     results.set_defaults(handler=cmd_results)
 
@@ -216,34 +242,67 @@ def _error_of(rows, key: str) -> str:
 
 def cmd_results(args) -> int:
     from ablate.grid.store import Store
-    from ablate.report.tables import rows_table, write_csv
+    from ablate.report import results
+    from ablate.report.tables import columns_table, pivot_table, rows_table, write_csv
 
+    sort = results.names(args.sort)
+    layout = results.parse_pivot(args.pivot) if args.pivot else None
     with Store(args.db, create=False) as store:
         if args.grids:
-            table = Table(title=f"grids in {args.db}", title_justify="left")
-            for column in ("grid", "cells", "stored", "failed"):
-                table.add_column(column)
-            for grid_id in store.grid_ids():
-                members = list(store.wandb_runs(grid_id))
-                status = store.status(members)
-                failed = sum(1 for value in status.values() if value == "failed")
-                table.add_row(escape(grid_id), str(len(members)), str(len(status)), str(failed))
-            out.print(table)
-            return 0
+            return _list_grids(store, args.db)
         rows = store.rows(grid=args.grid, filters=args.overrides, status=args.status)
+        empty = store.explain_empty(args.overrides, args.grid, args.status) if not rows and args.overrides else ""
+        results.check_paths(store, sort, "--sort path")
+        columns = None
+        if args.columns:
+            columns = results.expand_columns(rows, results.names(args.columns))
+            results.check_paths(store, columns, "--columns path")
+        if layout:
+            results.check_paths(store, [*layout[0], *layout[1:]], "--pivot path")
+    rows = results.sort_rows(rows, sort, args.desc)
+    if empty:
+        err.print(f"No row matches: {empty}", highlight=False, markup=False)
     if args.csv:
         if args.csv == "-":
-            write_csv(rows, sys.stdout)
+            write_csv(rows, sys.stdout, columns)
         else:
             with open(args.csv, "w", newline="") as handle:
-                write_csv(rows, handle)
+                write_csv(rows, handle, columns)
             err.print(f"wrote {len(rows)} rows to {args.csv}", highlight=False, markup=False)
     if args.jsonl:
         for row in rows:
             print(json.dumps(row.record))
-    if not args.csv and not args.jsonl:
-        where = f"grid {args.grid}" if args.grid else str(args.db)
-        out.print(rows_table(rows, f"{where}: {len(rows)} rows", show_key=True))
+    if args.csv or args.jsonl:
+        return 0
+    title = f"{f'grid {args.grid}' if args.grid else args.db}: {len(rows)} rows"
+    if layout:
+        table = results.pivot(rows, *layout)
+        if args.json:
+            print(json.dumps(results.pivot_json(table), default=str))
+            return 0
+        out.print(pivot_table(table, title))
+        for note in results.pivot_notes(table):
+            out.print(f"note: {note}", highlight=False, markup=False)
+    elif args.json:
+        shown = columns or results.default_columns(rows)
+        print(json.dumps({"columns": shown, "rows": results.flat_rows(rows, shown)}, default=str))
+    elif columns:
+        out.print(columns_table(rows, columns, title))
+    else:
+        out.print(rows_table(rows, title, show_key=True))
+    return 0
+
+
+def _list_grids(store, db) -> int:
+    table = Table(title=f"grids in {db}", title_justify="left")
+    for column in ("grid", "cells", "stored", "failed"):
+        table.add_column(column)
+    for grid_id in store.grid_ids():
+        members = list(store.wandb_runs(grid_id))
+        status = store.status(members)
+        failed = sum(1 for value in status.values() if value == "failed")
+        table.add_row(escape(grid_id), str(len(members)), str(len(status)), str(failed))
+    out.print(table)
     return 0
 
 

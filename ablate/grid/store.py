@@ -94,6 +94,56 @@ def _json_path(dotted: str) -> str:
     return "$" + "".join(f'."{part}"' for part in dotted.split("."))
 
 
+def record_path(path: str) -> str:
+    """A path as filters, sorts and columns take it -> its dotted path in the record: a component kind first means
+    the config's component (`encoder` -> `config.encoder.name`, `encoder.image_size` -> `config.encoder.image_size`);
+    any other path is the record's own (`visual_tokens`, `latency_ms.ttft`)."""
+    parts = path.split(".")
+    if parts[0] in KINDS:
+        parts = ["config", *parts] + (["name"] if len(parts) == 1 else [])
+    return ".".join(parts)
+
+
+def order_key(value: Any) -> tuple:
+    """How values of one path sort: numbers by size, then text, then anything else by its JSON (None: callers put it
+    last)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, value) if isinstance(value, str) else (2, 0, json.dumps(value, sort_keys=True, default=str))
+
+
+def _is_glob(value: Any) -> bool:
+    return isinstance(value, str) and any(char in value for char in "*?[")
+
+
+def _has(record: Any, parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(record, dict) or part not in record:
+            return False
+        record = record[part]
+    return True
+
+
+def missing_path(path: str, records: Iterable[dict[str, Any]]) -> str:
+    """Why no record has `path`: the first part of it no record has, and the keys the records have there (at the top,
+    with the component shorthands)."""
+    records, parts = list(records), path.split(".")
+    missing = (d for d in range(len(parts)) if not any(_has(record, parts[: d + 1]) for record in records))
+    depth = next(missing, len(parts) - 1)
+    parent = ".".join(parts[:depth])
+    keys = set()
+    for record in records:
+        below = value_at(record, parent) if parent else record
+        keys.update(below if isinstance(below, dict) else ())
+    if parent:
+        where = f"Keys of {parent}"
+    else:
+        keys.update(KINDS)
+        where = f"Paths at the top ({', '.join(KINDS)}: the config's components, e.g. encoder.image_size)"
+    listed = f"{where}: {', '.join(sorted(keys))}." if keys else f"No row has a key under {parent}."
+    return f"No row has '{path}'.{did_you_mean(parts[depth], keys)} {listed}"
+
+
 class Store:
     """A results database. Open one per process (and per thread): connections do not cross processes."""
 
@@ -242,50 +292,78 @@ class Store:
     def parse_filter(self, text: str) -> tuple[str, list[Any]]:
         """`PATH OP VALUE` as SQL over the record. PATH is a dotted path into the record (`visual_tokens`,
         `run.device`, `latency_ms.ttft`); a component kind first means the config's component (`encoder=NAME`,
-        `encoder.image_size=512`). OP is one of = != < <= > >=; VALUE is read as YAML (`null` matches missing)."""
-        match = _FILTER.match(text)
-        if not match:
-            raise ConfigError(
-                f"Filter '{text}' is not PATH=VALUE (or !=, <, <=, >, >=). Examples: encoder.image_size=512, "
-                f"visual_tokens<=256, run.device=cpu, error=null."
-            )
-        path, op, raw = match.groups()
-        parts = path.split(".")
-        if parts[0] in KINDS:
-            parts = ["config", *parts] + (["name"] if len(parts) == 1 else [])
-        json_path = _json_path(".".join(parts))
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"Filter '{text}' compares with a list or mapping; compare one value at a time.")
-        self._check_path(".".join(parts), json_path)
-        expression = f"json_extract(c.record, '{json_path}')"
+        `encoder.image_size=512`). OP is one of = != < <= > >=; VALUE is read as YAML (`null` matches missing). A text
+        VALUE with * ? or [...] is a pattern (SQLite's GLOB, case-sensitive): `encoder=clip*`, `decoder.arch!=*7b`."""
+        path, op, value = self._split_filter(text)
+        expression = f"json_extract(c.record, '{_json_path(path)}')"
         if value is None:
             return f"{expression} {'IS' if op == '=' else 'IS NOT'} NULL", []
+        if op in ("=", "!=") and _is_glob(value):
+            return (f"{expression} GLOB ?" if op == "=" else f"({expression} IS NULL OR {expression} NOT GLOB ?)"), [
+                value
+            ]
         if op in ("=", "!="):
             return f"{expression} {'IS' if op == '=' else 'IS NOT'} ?", [value]
         return f"{expression} {_SQL_OPS[op]} ?", [value]
 
-    def _check_path(self, path: str, json_path: str) -> None:
-        """A path no row has is a typo, not an empty result: say so, with the record's keys."""
+    def _split_filter(self, text: str) -> tuple[str, str, Any]:
+        """A filter's record path (checked: some row has it), operator and value."""
+        match = _FILTER.match(text)
+        if not match:
+            raise ConfigError(
+                f"Filter '{text}' is not PATH=VALUE (or !=, <, <=, >, >=). Examples: encoder.image_size=512, "
+                f"visual_tokens<=256, run.device=cpu, error=null, encoder=clip*."
+            )
+        path, op, raw = match.groups()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:  # `*7b` reads as a YAML alias: a pattern, taken as written
+            value = raw.strip()
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"Filter '{text}' compares with a list or mapping; compare one value at a time.")
+        path = record_path(path)
+        self.check_path(path)
+        return path, op, value
+
+    def check_path(self, path: str) -> None:
+        """A record path no row has is a typo, not an empty result: say so, naming the keys there."""
         if self.db.execute("SELECT 1 FROM cells LIMIT 1").fetchone() is None:
             return
         if self.db.execute(
-            f"SELECT 1 FROM cells c WHERE json_type(c.record, '{json_path}') IS NOT NULL LIMIT 1"
+            f"SELECT 1 FROM cells c WHERE json_type(c.record, '{_json_path(path)}') IS NOT NULL LIMIT 1"
         ).fetchone():
             return
-        parent = path.rpartition(".")[0]
-        parent_path = _json_path(parent) if parent else "$"
-        keys = set()
-        for (record,) in self.db.execute(f"SELECT json_extract(record, '{parent_path}') FROM cells LIMIT 200"):
-            try:
-                keys.update(json.loads(record) if record and record.startswith("{") else {})
-            except ValueError:
-                pass
-        leaf = path.rpartition(".")[2]
-        raise ConfigError(
-            f"No row has '{path}'.{did_you_mean(leaf, keys)} Keys there: {', '.join(sorted(keys)) or '(none)'}. A "
-            f"filter is a dotted path into the record, or encoder/reducer/connector/decoder for the config's parts."
-        )
+        sample = [json.loads(record) for (record,) in self.db.execute("SELECT record FROM cells LIMIT 200")]
+        raise ConfigError(missing_path(path, sample))
+
+    def explain_empty(self, filters: Iterable[str], grid: str | None = None, status: str | None = None) -> str:
+        """Why `rows(grid, filters, status)` found nothing: each filter that alone matches no row, with the values
+        the rows have there; or that each matches some rows but not all at once."""
+        filters = list(filters)
+        notes = []
+        for text in filters:
+            if self.rows(grid=grid, filters=[text], status=status):
+                continue
+            path, op, value = self._split_filter(text)
+            present = self._values_at(path, grid)
+            shown = ", ".join(str(item) for item in present[:20]) + (", ..." if len(present) > 20 else "")
+            hint = ""
+            if isinstance(value, str) and op == "=" and not _is_glob(value):
+                if any(str(item).startswith(value) for item in present):
+                    hint = f" For the names that start with it: '{text}*' (a pattern: * ? [...])."
+                else:
+                    hint = " A value with * ? [...] is a pattern, e.g. encoder=clip*."
+            notes.append(f"'{text}' matches no row: {path} there is one of {shown or '(no value)'}.{hint}")
+        if not notes and filters:
+            notes.append(f"Each of {', '.join(repr(text) for text in filters)} matches some rows, but no row all.")
+        return " ".join(notes)
+
+    def _values_at(self, path: str, grid: str | None) -> list[Any]:
+        """The distinct values the rows (of a grid) hold at a record path, sorted."""
+        sql = f"SELECT DISTINCT json_extract(c.record, '{_json_path(path)}') AS v FROM cells c"
+        params: list[Any] = []
+        if grid is not None:
+            sql += " JOIN members m ON c.key = m.key WHERE m.grid = ?"
+            params.append(grid)
+        values = [value for (value,) in self.db.execute(sql, params) if value is not None]
+        return sorted(values, key=order_key)

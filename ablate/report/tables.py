@@ -8,13 +8,16 @@ import csv
 import json
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ablate.api.errors import first_line
-from ablate.measurement.record import metrics, value_at
+from ablate.grid.store import record_path
+from ablate.measurement.record import value_at
 from ablate.model.vlm import STAGE_COMPONENT, STAGES
+from ablate.report.results import Pivot, accuracy_columns, flat_rows, short_labels, value_of
 
 
 def _ms(value: Any, digits: int = 1) -> str:
@@ -161,18 +164,22 @@ def _print_profile(profile: dict[str, Any], out: Console) -> None:
 
 
 def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key: bool = False) -> Table:
-    """One line per stored row: its cell, status and figures (count-only and failed rows show '-')."""
+    """One line per stored row: its cell (a short label: only what varies across the rows), status and figures
+    (count-only and failed rows show '-'). A figure column no row has a value in is left out, and so is the error
+    column when no row failed."""
     table = Table(title=escape(title), title_justify="left")
     columns = ["#"] + (["key"] if show_key else []) + ["cell", "status", "visual tok", "TTFT ms", "encoder ms"]
-    columns += ["prefill ms", "GFLOPs", "params M", "peak MB", "flags", "error"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("cell", "status", "flags", "error", "key") else "right")
+    columns += ["prefill ms", "GFLOPs", "params M", "peak MB", "flags"]
+    accuracy = accuracy_columns(rows)
+    columns += [column_header(path) for path in accuracy] + ["error"]
+    labels = short_labels(rows)
+    lines = []
     for index, row in enumerate(rows, 1):
         record, error = row.record, row.record.get("error")
         status = "failed" if error else "ok"
         if row.key in skipped:
             status += " (stored)"
-        cells = [str(index)] + ([row.key[:10]] if show_key else []) + [escape(row.label or record.get("name") or "-")]
+        cells = [str(index)] + ([row.key[:10]] if show_key else []) + [escape(labels[row.key])]
         cells += [
             f"[red]{status}[/]" if error else status,
             tokens_text(record),
@@ -183,9 +190,21 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
             _num(value_at(record, "params.total"), 1e6, 1),
             _num(record.get("peak_memory_mb")),
             ",".join(flag.get("kind") or "?" for flag in value_at(record, "timing.flags") or []),
-            escape(f"{error.get('type')}: {first_line(error.get('message'), width=90)}") if error else "",
+            *(cell_text(row, path) for path in accuracy),
+            # short enough for one line beside the rest; `--columns label,error` and --jsonl show more
+            escape(first_line(f"{error.get('type')}: {error.get('message')}", width=45)) if error else "",
         ]
-        table.add_row(*cells)
+        lines.append(cells)
+    named = {"#", "key", "cell", "status"}  # what names a row: always shown
+    shown = [
+        i for i, column in enumerate(columns) if column in named or any(line[i] not in ("-", "") for line in lines)
+    ]
+    for i in shown:
+        table.add_column(
+            columns[i], justify="left" if columns[i] in ("cell", "status", "flags", "error", "key") else "right"
+        )
+    for line in lines:
+        table.add_row(*(line[i] for i in shown))
     return table
 
 
@@ -201,16 +220,106 @@ def flatten(tree: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str,
     return flat
 
 
-def write_csv(rows: list, handle) -> None:
-    """One line per row: key, label, status, then every record field flattened with dots (lists as JSON)."""
-    flat = [
-        {"key": row.key, "label": row.label, "status": metrics(row.record)["status"], **flatten(row.record)}
-        for row in rows
-    ]
-    columns = list(dict.fromkeys(column for line in flat for column in line))
-    writer = csv.DictWriter(handle, fieldnames=columns)
+def write_csv(rows: list, handle, columns: list[str] | None = None) -> None:
+    """One line per row: key, label, status, then every record field flattened with dots (lists as JSON); or only
+    `columns` (see `ablate.report.results`)."""
+    flat = flat_rows(rows, columns)
+    fields = list(dict.fromkeys(column for line in flat for column in line)) if columns is None else columns
+    writer = csv.DictWriter(handle, fieldnames=fields)
     writer.writeheader()
     for line in flat:
         writer.writerow(
             {key: json.dumps(value) if isinstance(value, (list, dict)) else value for key, value in line.items()}
         )
+
+
+# ------------------------------------------------------------------------------------ chosen columns, pivots
+
+_HEADERS = {
+    "label": "cell",
+    "visual_tokens": "visual tok",
+    "latency_ms.ttft": "TTFT ms",
+    "flops.total": "GFLOPs",
+    "params.total": "params M",
+    "peak_memory_mb": "peak MB",
+    "accuracy.exact_match": "exact match",
+    "accuracy.anls": "ANLS",
+    "accuracy.n": "scored",
+}
+_UNITS = {"latency_ms": ("ms", 1.0, 1), "latency_spread_ms": ("IQR ms", 1.0, 1), "flops": ("GFLOPs", 1e9, 1)}
+_UNITS["params"] = ("params M", 1e6, 1)
+
+
+def column_header(path: str) -> str:
+    """What a table heads a column with: a short name with its unit for the figures, else the path as given."""
+    resolved = record_path(path)
+    block, _, field = resolved.partition(".")
+    if resolved in _HEADERS or path in _HEADERS:
+        return _HEADERS.get(resolved) or _HEADERS[path]
+    if block in _UNITS and field and "." not in field:
+        return f"{field} {_UNITS[block][0]}"
+    return path
+
+
+def cell_text(row, path: str, labels: dict[str, str] | None = None) -> str:
+    """A row's value at `path` as a table shows it: figures in the column's unit, '-' where there is none."""
+    record, resolved = row.record, record_path(path)
+    value = value_of(row, path, labels)
+    if resolved == "visual_tokens":
+        return tokens_text(record)
+    if resolved == "error":
+        return f"{value.get('type')}: {first_line(value.get('message'), width=90)}" if value else ""
+    if value is None:
+        return "-"
+    block = resolved.partition(".")[0]
+    if block in _UNITS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        _, scale, digits = _UNITS[block]
+        return _num(value, scale, digits)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _numeric(values: list) -> bool:
+    return any(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
+
+
+def columns_table(rows: list, columns: list[str], title: str) -> Table:
+    """One line per row, the chosen columns (paths into the record, or key / label / status)."""
+    labels = short_labels(rows)
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("#", justify="right")
+    for path in columns:
+        values = [value_of(row, path, labels) for row in rows]
+        table.add_column(escape(column_header(path)), justify="right" if _numeric(values) else "left")
+    for index, row in enumerate(rows, 1):
+        texts = [escape(cell_text(row, path, labels)) for path in columns]
+        table.add_row(str(index), *(f"[red]{text}[/]" if text == "failed" else text for text in texts))
+    return table
+
+
+def pivot_table(layout: Pivot, title: str) -> Group:
+    """A pivot: one line per value of its row paths, one column per value of its column path, its value in the cells
+    ('failed' where that cell failed, '-' where it has no value, empty where no row is)."""
+    title = f"{column_header(layout.value)} by {' + '.join(layout.index)} (lines) and {layout.column}; {title}"
+    table = Table()
+    for path in layout.index:
+        table.add_column(escape(path), justify="left")
+    for key in layout.column_keys:
+        table.add_column(escape(f"{key}"), justify="right")
+    for row_key in layout.row_keys:
+        texts = []
+        for column_key in layout.column_keys:
+            row = layout.cells.get((row_key, column_key))
+            if row is None:
+                texts.append("")
+            elif row.status == "failed":
+                texts.append("[red]failed[/]")
+            else:
+                texts.append(escape(cell_text(row, layout.value)))
+        table.add_row(*(escape("-" if item is None else str(item)) for item in row_key), *texts)
+    return Group(Text(title), table)  # the title above, not wrapped to the width of a narrow table
