@@ -184,11 +184,13 @@ def gpu_tests(smoke: bool) -> dict[str, Any]:
         junit = Path(folder) / "junit.xml"
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"]
         done = subprocess.run([*command, f"--junitxml={junit}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-        cases = ElementTree.parse(junit).getroot().iter("testcase")
-        tests = []
-        for case in cases:
+        tests, modules_skipped = [], []
+        for case in ElementTree.parse(junit).getroot().iter("testcase"):
             outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
             detail = next((child.get("message") for child in case if child.tag == outcome), None)
+            if outcome == "skipped" and not case.get("classname"):  # a module skipped whole (optional package missing)
+                modules_skipped.append({"module": case.get("name"), "detail": detail})
+                continue
             tests.append({"name": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome, "detail": detail})
     counts = {
         outcome: sum(t["outcome"] == outcome for t in tests) for outcome in ("passed", "skipped", "failure", "error")
@@ -198,6 +200,7 @@ def gpu_tests(smoke: bool) -> dict[str, Any]:
         "returncode": done.returncode,
         "counts": counts,
         "tests": tests,
+        "modules_skipped": modules_skipped,
         "output_tail": (done.stdout + done.stderr)[-3000:],
     }
 
