@@ -23,9 +23,9 @@ Smoke run (the CPU, the tiny preset and a tiny LLaVA-OneVision, a minute or two;
 
     python benchmarks/gpu_acceptance.py --smoke --modes eager cudagraph --out /tmp/gpu_acceptance.json
 
-On the lent device machine (see /work/.library/device/README.md): it has torch, timm, transformers, pluggy, rich,
-pyyaml, safetensors, pillow and pytest, but not omegaconf (wandb is imported only when logging to W&B). Here, once,
-in the repository's root (the wheel is pure Python, about 250 kB):
+On the lent device machine (the device tool's README says how calls, `carry` and $OUT work): it has torch, timm,
+transformers, pluggy, rich, pyyaml, safetensors, pillow and pytest, but not omegaconf (wandb is imported only when
+logging to W&B). Here, once, in the repository's root (the wheel is pure Python, about 250 kB):
 
     grep -qx /.whl/ .git/info/exclude || echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
@@ -34,9 +34,9 @@ in the repository's root (the wheel is pure Python, about 250 kB):
 Then one `run` with carry [".whl"] and a timeout_s of 480 (the script's budget is 390 s, pip takes seconds), whose
 command is DEVICE_COMMAND below (`python benchmarks/gpu_acceptance.py --device-command` prints it on one line):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
-        --target /tmp/site . && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
+        .whl/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \\
+        --target /tmp/site . && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; \\
         python3 benchmarks/gpu_acceptance.py --out $OUT/gpu_acceptance.json 2>&1 | tee $OUT/gpu_acceptance.log
 
 The second pip command installs this working tree itself (not editable) into /tmp/site: the plugins are found
