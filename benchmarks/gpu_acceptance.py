@@ -384,10 +384,10 @@ def main() -> None:
 
     def overhead(mode):
         name = f"overhead/{fastvlm}/{mode}"
-        if mode not in args.modes:
-            return acceptance.skip(name, "not in --modes")
         if mode == "cudagraph" and plan["device"] != "cuda":
             return acceptance.skip(name, "the hand-written CUDA graph needs a CUDA GPU")
+        if mode not in args.modes:
+            return acceptance.skip(name, "not in --modes")
         acceptance.run(name, ESTIMATE_S[mode] * 1.5, lambda: overhead_section(fastvlm, fastvlm_size, mode, plan))
 
     # Most important first, so that a low budget drops the least: the tests, then the acceptance figures
