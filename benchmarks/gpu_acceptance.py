@@ -35,13 +35,17 @@ Then one `run` with carry [".whl"] and a timeout_s of 450 (the script's budget i
 command is DEVICE_COMMAND below (`python benchmarks/gpu_acceptance.py --device-command` prints it on one line):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
-        .whl/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \\
-        --target /tmp/site . && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; \\
+        .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 -m pip install -q --no-index \\
+        --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit; set -o pipefail; \\
         python3 benchmarks/gpu_acceptance.py --out $OUT/gpu_acceptance.json 2>&1 | tee $OUT/gpu_acceptance.log
 
 The second pip command installs this working tree itself (not editable) into /tmp/site: the plugins are found
 through the `ablate` entry points of its dist-info, and `plugins/` becomes the `ablate_plugins` package, which no
-PYTHONPATH entry alone gives. `--sections 'overhead/*' grid` reruns some sections only.
+PYTHONPATH entry alone gives. It builds with the machine's setuptools (68 or later needed); should that be older,
+carry a newer setuptools wheel in .whl too: PYTHONPATH is set before the build, so the build uses that one.
+
+A second call, for what the first skipped or what failed after a fix: the same command with `--sections` (fnmatch
+patterns, e.g. `--sections 'measure/*/compile' 'overhead/*'`) and a smaller `--budget-s`, to another --out file.
 """
 
 from __future__ import annotations
@@ -70,8 +74,8 @@ import ablate
 REPO = Path(__file__).resolve().parent.parent
 DEVICE_COMMAND = (
     "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-    ".whl/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir "
-    "--target /tmp/site . && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; "
+    ".whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 -m pip install -q --no-index "
+    "--no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit; set -o pipefail; "
     "python3 benchmarks/gpu_acceptance.py --out $OUT/gpu_acceptance.json 2>&1 | tee $OUT/gpu_acceptance.log"
 )
 MODES = ("eager", "cudagraph", "compile")  # cudagraph before compile: it is the acceptance figure, compile the slow one
