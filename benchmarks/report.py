@@ -68,7 +68,10 @@ def parse_args(parser: argparse.ArgumentParser, benchmark: str, repeats: int = 5
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1)"
+        "--clock",
+        choices=["wall", "cpu", "cuda"],
+        default="wall",
+        help="cpu: process CPU time (use with --threads 1); cuda: CUDA events (use on a GPU)",
     )
     parser.add_argument("--json", help=f"output file (default: benchmarks/results/{benchmark}.json)")
     args = parser.parse_args()

@@ -6,6 +6,7 @@ the per-round ratio toolkit / hand (target: <= 1.03 in every mode). The toolkit 
 (ablate.measurement.modes.prepare); the hand-written path compiles or graph-captures its whole TTFT function at once.
 
     python benchmarks/toolkit_overhead.py --image-size 512 --modes eager compile --repeats 10
+    python benchmarks/toolkit_overhead.py --image-size 1024 --device cuda --dtype bfloat16 --modes cudagraph --clock cuda
 """
 
 from __future__ import annotations
@@ -24,6 +25,55 @@ from ablate.config.run_options import DTYPES, RunOptions
 from ablate.measurement.modes import prepare
 
 
+def compare(
+    preset: str,
+    image_size: int,
+    mode: str,
+    *,
+    prompt_tokens: int = 64,
+    dtype: str = "float32",
+    memory_format: str = "contiguous",
+    device: str = "cpu",
+    repeats: int = 10,
+    clock: str = "wall",
+) -> dict:
+    """One mode: the toolkit's TTFT and the hand-written one, alternating, and whether their logits agree."""
+    torch.manual_seed(0)
+    overrides = [f"encoder.image_size={image_size}", f"run.dtype={dtype}"]
+    vlm = ablate.build(preset, overrides, device=device)
+    ids = vlm.make_prompt(prompt_tokens)
+    pixels = torch.rand(1, 3, image_size, image_size, device=device)
+    options = RunOptions(device=device, dtype=dtype, mode=mode, memory_format=memory_format)
+    # The toolkit first: prepare() starts torch.compile afresh (torch._dynamo.reset), which would drop the hand
+    # path's compiled code if that were compiled before.
+    execution = prepare(vlm, vlm.start(pixels.to(DTYPES[dtype]), ids), options)
+    by_hand = hand_written(vlm, DTYPES[dtype], memory_format, mode, pixels, ids)
+    with torch.inference_mode():
+        toolkit_logits, hand_logits = execution.ttft(execution.ctx).float(), by_hand().float()
+        difference = ((toolkit_logits - hand_logits).abs().max() / hand_logits.abs().max()).item()
+        samples = alternate(
+            {"hand": by_hand, "toolkit": lambda execution=execution: execution.ttft(execution.ctx)},
+            repeats=repeats,
+            clock=clock,
+        )
+    row = {
+        "mode": mode,
+        "used": dataclasses.asdict(execution.entry.used),
+        "stages": execution.entry.stages,
+        "ttft_path": execution.entry.ttft,
+        "fallbacks": execution.entry.fallbacks,
+        "relative_logit_difference": difference,
+        "logits_agree": difference < (1e-4 if dtype == "float32" else 3e-2),
+        "clock": clock,
+        "hand": timing(samples["hand"]),
+        "toolkit": timing(samples["toolkit"]),
+        "toolkit_over_hand": paired_ratio(samples["toolkit"], samples["hand"]),
+    }
+    del vlm, by_hand, execution
+    gc.collect()
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fastvlm-0.5b")
@@ -36,45 +86,27 @@ def main() -> None:
 
     results = []
     for mode in args.modes:
-        torch.manual_seed(0)
-        overrides = [f"encoder.image_size={args.image_size}", f"run.dtype={args.dtype}"]
-        vlm = ablate.build(args.preset, overrides, device=args.device)
-        ids = vlm.make_prompt(args.prompt_tokens)
-        pixels = torch.rand(1, 3, args.image_size, args.image_size, device=args.device)
-        options = RunOptions(device=args.device, dtype=args.dtype, mode=mode, memory_format=args.memory_format)
-        # The toolkit first: prepare() starts torch.compile afresh (torch._dynamo.reset), which would drop the hand
-        # path's compiled code if that were compiled before.
-        execution = prepare(vlm, vlm.start(pixels.to(DTYPES[args.dtype]), ids), options)
-        by_hand = hand_written(vlm, DTYPES[args.dtype], args.memory_format, mode, pixels, ids)
-        with torch.inference_mode():
-            toolkit_logits, hand_logits = execution.ttft(execution.ctx).float(), by_hand().float()
-            difference = ((toolkit_logits - hand_logits).abs().max() / hand_logits.abs().max()).item()
-            assert difference < (1e-4 if args.dtype == "float32" else 3e-2), f"{mode}: paths disagree ({difference})"
-            samples = alternate(
-                {"hand": by_hand, "toolkit": lambda execution=execution: execution.ttft(execution.ctx)},
-                repeats=args.repeats,
-                clock=args.clock,
-            )
-        row = {
-            "mode": mode,
-            "used": dataclasses.asdict(execution.entry.used),
-            "fallbacks": execution.entry.fallbacks,
-            "relative_logit_difference": difference,
-            "hand": timing(samples["hand"]),
-            "toolkit": timing(samples["toolkit"]),
-            "toolkit_over_hand": paired_ratio(samples["toolkit"], samples["hand"]),
-        }
+        row = compare(
+            args.preset,
+            args.image_size,
+            mode,
+            prompt_tokens=args.prompt_tokens,
+            dtype=args.dtype,
+            memory_format=args.memory_format,
+            device=args.device,
+            repeats=args.repeats,
+            clock=args.clock,
+        )
+        assert row["logits_agree"], f"{mode}: paths disagree ({row['relative_logit_difference']})"
         results.append(row)
         ratio = row["toolkit_over_hand"]
         print(
             f"{mode:9} hand {row['hand']['median_ms']:9.1f} ms  toolkit {row['toolkit']['median_ms']:9.1f} ms  "
             f"toolkit/hand {ratio['median']:.3f} (IQR {ratio['iqr']:.3f}, range {ratio['min']:.3f}-{ratio['max']:.3f}; "
             f"of minima {row['toolkit']['min_ms'] / row['hand']['min_ms']:.3f})"
-            f"  logits differ by {difference:.1e} (relative)  [target <= 1.03]",
+            f"  logits differ by {row['relative_logit_difference']:.1e} (relative)  [target <= 1.03]",
             flush=True,
         )
-        del vlm, by_hand, execution
-        gc.collect()
     print(
         f"{args.preset} at {args.image_size} px, {args.dtype}, {args.memory_format}, {torch.get_num_threads()} "
         f"threads, {args.repeats} alternating rounds, {args.clock} clock"

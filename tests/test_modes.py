@@ -284,6 +284,7 @@ def test_replay_copies_a_fresh_input_into_the_static_one_and_chains_without_copi
 # ----------------------------------------------------------------------------------------------- GPU only
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cudagraph_captures_every_stage_and_the_whole_ttft():
     record = ablate.measure("tiny", device="cuda", mode="cudagraph", repeats=3, warmup=1).to_dict()
@@ -297,6 +298,7 @@ def test_cudagraph_captures_every_stage_and_the_whole_ttft():
     assert math.isclose(record["latency_ms"]["stage_sum"], record["latency_ms"]["ttft"], rel_tol=0.5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cudagraph_with_a_data_dependent_reducer_says_ttft_is_not_one_graph():
     record = ablate.measure(
