@@ -26,7 +26,7 @@ def test_every_field_says_what_it_means():
 def test_a_record_reads_back_as_the_same_object(timed):
     data = json.loads(json.dumps(timed.to_dict()))
     assert Record.from_dict(data) == timed
-    assert data["schema_version"] == SCHEMA_VERSION == 3
+    assert data["schema_version"] == SCHEMA_VERSION == 4
 
 
 def test_stage_sum_is_the_sum_of_the_stage_medians(timed):
@@ -39,8 +39,16 @@ def test_schema_2_migrates():
     old["latency_ms"] = {**old["latency_ms"], "encoder": 3.0, "reducer": 0.5, "connector": 1.0, "prefill": 5.0}
     old["latency_ms"]["stage_sum"] = 9.9  # schema 2: the median of the per-repeat sums
     new = migrate(old)
-    assert new["schema_version"] == 3 and new["latency_ms"]["stage_sum"] == 9.5
+    assert new["schema_version"] == 4 and new["latency_ms"]["stage_sum"] == 9.5
     assert Record.from_dict(old).latency_ms.stage_sum == 9.5
+
+
+def test_schema_3_peak_becomes_the_process_peak_not_the_runs_own():
+    old = {**Record().to_dict(), "schema_version": 3, "peak_memory_mb": 908.0}
+    del old["memory"], old["timing"]  # schema 3 had neither block
+    record = Record.from_dict(old)
+    assert record.schema_version == 4 and record.peak_memory_mb is None
+    assert record.memory.process_peak_mb == 908.0 and "schema 3" in record.memory.method
 
 
 def test_metric_names_are_the_field_paths(timed):

@@ -10,6 +10,11 @@ Schema 3 (from 2): `latency_ms.stage_sum` is now the sum of the four stage media
 schema 2 stored the median of the per-repeat sums. Its spread (`latency_spread_ms.stage_sum`) is still the IQR of
 the per-repeat sums. Every other key is unchanged. `migrate` turns a schema-2 record into a schema-3 one (the store
 and `Record.from_dict` apply it to what they read).
+
+Schema 4 (from 3): `peak_memory_mb` is the run's own peak above the process's memory when the run started (the
+`memory` block says how and what baseline it left out); schema 3 stored the whole process's resident memory. New:
+the `timing` block (repeats, why they stopped, busy share, flags) and `latency_min_ms`. `migrate` moves a schema-3
+peak to `memory.process_peak_mb` (that is what it measured) and leaves `peak_memory_mb` unknown.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 from ablate.model.vlm import STAGES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def doc(
@@ -296,7 +301,7 @@ class ErrorInfo:
 class Record:
     """One run."""
 
-    schema_version: int = doc("the record's schema (this is 3)", SCHEMA_VERSION, metrics=False)
+    schema_version: int = doc("the record's schema (this is 4)", SCHEMA_VERSION, metrics=False)
     name: str | None = doc("the config's name", columns={"name": ""})
     visual_tokens: int | None = doc(
         "tokens of one image as the LLM receives them (for a reducer that decides by the image, run without one: its upper "
@@ -369,7 +374,7 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
-        """A record from its JSON form (schema 2 is migrated first); unknown keys are left out."""
+        """A record from its JSON form (schemas 2 and 3 are migrated first); unknown keys are left out."""
         return _build(cls, migrate(data))
 
 
@@ -383,7 +388,14 @@ def migrate(data: Mapping[str, Any]) -> dict[str, Any]:
         latency = dict(data.get("latency_ms") or {})
         parts = [latency.get(stage) for stage in STAGES]
         latency["stage_sum"] = sum(parts) if all(isinstance(p, (int, float)) for p in parts) else None
-        data.update(latency_ms=latency, schema_version=SCHEMA_VERSION)
+        data.update(latency_ms=latency, schema_version=3)
+    if data.get("schema_version") == 3:
+        # A schema-3 peak was the whole process's resident memory: keep it as that, not as the run's own peak.
+        memory = dict(data.get("memory") or {})
+        if data.get("peak_memory_mb") is not None:
+            memory["process_peak_mb"] = data["peak_memory_mb"]
+            memory["method"] = "schema 3: the process's peak resident memory, no baseline left out"
+        data.update(peak_memory_mb=None, memory=memory, schema_version=4)
     return data
 
 
