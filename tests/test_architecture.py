@@ -199,7 +199,10 @@ def test_a_forbidden_import_is_caught(module, line, expected):
 
 
 # Strings of the core that happen to spell a built-in component's name but mean something else.
-HOMONYMS = {"ablate.train.data.synth": {"random"}}  # `ablate data synth --position random`, not the reducer
+HOMONYMS = {
+    "ablate.train.data.synth": {"random"},  # `ablate data synth --position random`, not the reducer
+    "ablate.report.plots": {"none"},  # matplotlib's "no colour" and "no line", not the reducer
+}
 
 
 def test_core_names_no_builtin_component():

@@ -470,6 +470,18 @@ def value_at(record: Mapping[str, Any] | None, path: str) -> Any:
     return value
 
 
+def flatten(tree: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name, sep))
+        else:
+            flat[name] = value
+    return flat
+
+
 def columns() -> dict[str, str]:
     """The results store's indexed columns: column name -> dotted path into the record."""
     found = {}

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ablate.api.hooks import KINDS
-from ablate.report.tables import flatten
+from ablate.measurement.record import flatten
 
 LEAD_KIND = KINDS[0]  # the encoder: named bare, first
 SIZE_KEY = f"{LEAD_KIND}.image_size"

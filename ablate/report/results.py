@@ -16,7 +16,7 @@ from typing import Any
 
 from ablate.api.errors import ConfigError
 from ablate.grid.store import Row, Store, order_key, record_path
-from ablate.measurement.record import value_at
+from ablate.measurement.record import flatten, value_at
 
 DEFAULT_DB = "results/ablate.db"  # the CLI's --db default too (ablate.cli.flags); the report wing cannot import it
 ROW_NAMES = ("key", "label", "status")  # not record paths: what names a row
@@ -169,7 +169,6 @@ def sort_rows(rows: Sequence[Row], paths: Sequence[str], descending: bool = Fals
 
 def flat_rows(rows: Sequence[Row], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One dict per row: key, label, status and every record field flattened with dots; or only `columns`."""
-    from ablate.report.tables import flatten
 
     labels = short_labels(rows)
     if columns is None:

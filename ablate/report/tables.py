@@ -208,18 +208,6 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
     return table
 
 
-def flatten(tree: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name, sep))
-        else:
-            flat[name] = value
-    return flat
-
-
 def write_csv(rows: list, handle, columns: list[str] | None = None) -> None:
     """One line per row: key, label, status, then every record field flattened with dots (lists as JSON); or only
     `columns` (see `ablate.report.results`)."""

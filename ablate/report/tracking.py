@@ -24,8 +24,7 @@ from typing import Any
 from ablate.api.errors import ConfigError, first_line
 from ablate.grid.expansion import Grid
 from ablate.grid.store import Store
-from ablate.measurement.record import metrics
-from ablate.report.tables import flatten
+from ablate.measurement.record import flatten, metrics
 
 CELL_JOB = "cell"
 RUN_JOB = "run"
