@@ -25,6 +25,8 @@ SWEEP = ["encoder.image_size=128,192,100", "prompt_tokens=4,8"]  # 100 px: not a
 
 def db_rows(path) -> list[tuple[str, str]]:
     with sqlite3.connect(path) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'cells'").fetchone():
+            return []  # a grid that just started: the file is there, its table not yet
         return db.execute("SELECT key, status FROM cells").fetchall()
 
 
