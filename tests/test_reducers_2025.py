@@ -330,3 +330,33 @@ def test_counts_on_llava_15s_encoder(name, options, visual):
     overrides = ["encoder=timm", "encoder.model_name=vit_large_patch14_clip_336", "encoder.feature_block=22"]
     record = ablate.measure("tiny", [*overrides, f"reducer={name}", *options], count_only=True).to_dict()
     assert record["error"] is None and record["tokens"]["encoder"] == 576 and record["visual_tokens"] == visual
+
+
+# ------------------------------------------------------------------------------------------------- the grid
+
+
+def test_the_comparison_grid_gives_every_method_the_same_budget():
+    """reducer-comparison: 48 cells x 4 encoders, none failing to resolve; at 144 tokens on CLIP ViT-L every method
+    hands the LLM 144 visual tokens (the in-LLM ones from layer 2 on, as their note says)."""
+    from ablate.grid.expansion import load_grid
+
+    folder = get_registry().preset_folders[0][1] / "grids"
+    grid = load_grid(str(folder / "reducer-comparison.yaml"), run_options={"count_only": True})
+    assert len(grid.cells) == 192 and not any(cell.error for cell in grid.cells)
+    reducers = {cell.values["reducer"] for cell in grid.cells}
+    assert {"divprune", "vispruner", "cdpruner", "dart", "random", "avgpool", "none"} <= reducers
+    chosen = [
+        cell
+        for cell in grid.cells
+        if cell.values["encoder"] == "clip-vit-l14-336"
+        and 144 in (cell.values.get("reducer.tokens"), cell.values.get("encoder.target_tokens"))
+    ]
+    assert len(chosen) == 12  # downsampling, random, avgpool, matryoshka and the eight scored methods
+    for cell in chosen:
+        record = ablate.measure(grid.base, list(cell.overrides), count_only=True).to_dict()
+        assert record["error"] is None, cell.label
+        if cell.values["reducer"] in ("fastv", "dart"):
+            assert record["visual_tokens"] == 576, cell.label
+            assert any("layers 2..23 see 144" in note for note in record["notes"]), cell.label
+        else:
+            assert record["visual_tokens"] == 144, cell.label
