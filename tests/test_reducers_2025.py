@@ -360,3 +360,26 @@ def test_the_comparison_grid_gives_every_method_the_same_budget():
             assert any("layers 2..23 see 144" in note for note in record["notes"]), cell.label
         else:
             assert record["visual_tokens"] == 144, cell.label
+
+
+# ------------------------------------------------------------------------------------------------- accounting
+
+
+def test_llm_tokens_count_every_reducer_one_way():
+    """Per layer, layer average and KV cache: pre-LLM reducers give their output to every layer; in-LLM ones (FastV,
+    DART) all tokens up to their layer and their budget after it; the KV cache adds the prompt in every layer."""
+    base = ["encoder.image_size=256", "decoder.overrides.num_hidden_layers=4", "prompt_tokens=8"]
+    expected = {
+        "reducer=divprune reducer.tokens=6": [6, 6, 6, 6],
+        "reducer=random reducer.tokens=6": [6, 6, 6, 6],
+        "reducer=fastv reducer.layer=1 reducer.tokens=6": [16, 6, 6, 6],
+        "reducer=dart reducer.layer=3 reducer.tokens=6 reducer.pivot_image=2": [16, 16, 16, 6],
+        "reducer=none": [16, 16, 16, 16],
+    }
+    for options, per_layer in expected.items():
+        record = ablate.measure("tiny", [*base, *options.split()], count_only=True).to_dict()
+        assert record["llm_tokens"] == {
+            "visual_per_layer": per_layer,
+            "visual_layer_average": sum(per_layer) / 4,
+            "kv_cache": sum(per_layer) + 8 * 4,
+        }, options
