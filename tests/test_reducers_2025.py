@@ -4,6 +4,8 @@ batched, on every kind of encoder; DART's layer states against transformers' own
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,3 +385,27 @@ def test_llm_tokens_count_every_reducer_one_way():
             "visual_layer_average": sum(per_layer) / 4,
             "kv_cache": sum(per_layer) + 8 * 4,
         }, options
+
+
+def test_the_reducers_view_is_a_papers_table(tmp_path):
+    """`ablate results --columns reducers`: method, budget, LLM tokens per layer on average, KV cache, latencies and
+    fidelity; columns no row has (accuracy, and latency under --count-only) left out."""
+    from conftest import run_cli
+
+    db, grid = str(tmp_path / "r.db"), tmp_path / "g.yaml"
+    grid.write_text(
+        "base: tiny\ncells:\n  - {reducer: random, reducer.tokens: 2}\n  - {reducer: divprune, reducer.tokens: 2}\n"
+        "  - {reducer: dart, reducer.layer: 1, reducer.tokens: 2, reducer.pivot_image: 1}\n"
+    )
+    assert run_cli("grid", str(grid), "--count-only", "--db", db).returncode == 0
+    shown = run_cli("results", "--db", db, "--columns", "reducers", "--json")
+    table = json.loads(shown.stdout)
+    assert table["columns"] == [
+        "reducer",
+        "reducer.tokens",
+        "encoder",
+        "llm_tokens.visual_layer_average",
+        "llm_tokens.kv_cache",
+    ]
+    averages = {row["reducer"]: row["llm_tokens.visual_layer_average"] for row in table["rows"]}
+    assert averages == {"random": 2.0, "divprune": 2.0, "dart": 3.0}  # dart: 4 tokens in layer 0, 2 in layer 1
