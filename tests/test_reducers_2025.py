@@ -409,3 +409,26 @@ def test_the_reducers_view_is_a_papers_table(tmp_path):
     ]
     averages = {row["reducer"]: row["llm_tokens.visual_layer_average"] for row in table["rows"]}
     assert averages == {"random": 2.0, "divprune": 2.0, "dart": 3.0}  # dart: 4 tokens in layer 0, 2 in layer 1
+
+
+def test_fidelity_vs_ttft_plot_marks_the_front(tmp_path):
+    """TTFT against first-token KL, one point per method and budget; the front keeps the runs nothing beats."""
+    from ablate.measurement.record import Record
+    from ablate.report.plots import write_plots
+
+    def row(reducer: str, tokens: int, ttft: float, kl: float) -> dict:
+        record = {**Record().to_dict(), "visual_tokens": tokens, "name": "x"}
+        record.update(
+            latency_ms={"encoder": 1.0, "reducer": 0.1, "connector": 0.2, "prefill": ttft - 1.3, "ttft": ttft},
+            fidelity={"top1_agreement": 1.0, "kl": kl, "rows": 1, "reference": "no reduction"},
+            run={"device": "cpu", "dtype": "float32", "mode": "eager"},
+            env={"device_name": "Test CPU"},
+            config={"encoder": {"name": "e", "image_size": 336}, "reducer": {"name": reducer, "tokens": tokens}},
+        )
+        return record
+
+    rows = [row("divprune", 64, 10.0, 0.05), row("random", 64, 10.0, 0.08), row("divprune", 144, 14.0, 0.01)]
+    files, notes = write_plots(rows, tmp_path)
+    assert tmp_path / "fidelity_vs_ttft.png" in files and not [n for n in notes if n.startswith("fidelity")]
+    html = (tmp_path / "fidelity_vs_ttft.html").read_text()
+    assert "Pareto front" in html and "random" in html and "lower is better" in html
