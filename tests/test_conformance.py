@@ -60,6 +60,13 @@ CASES: dict[tuple[str, str], dict[str, dict]] = {
         "substitute": dict(config_overrides={"tokens": 6, "score": "attention_received"}),
     },
     ("reducer", "random"): {"budget": dict(config_overrides={"tokens": 5})},
+    ("reducer", "divprune"): {"ratio": {}, "budget": dict(config_overrides={"tokens": 5})},
+    ("reducer", "vispruner"): {
+        "cls": dict(config_overrides={"tokens": 6, "score": "cls"}),
+        "substitute": dict(config_overrides={"tokens": 6, "score": "attention_received"}),
+    },
+    ("reducer", "cdpruner"): {"budget": dict(config_overrides={"tokens": 6})},
+    ("reducer", "dart"): {"budget": dict(config_overrides={"tokens": 6})},
     # FastVLM's baselines: full-size towers (shapes on meta; real forwards under -m slow).
     ("encoder", "clip-vit-l14-336"): full_size(bad_image_sizes=[300]),
     ("encoder", "siglip-so400m"): full_size(bad_image_sizes=[380]),

@@ -72,7 +72,8 @@ def test_plots_leave_out_rows_without_timings_and_tolerate_extra_fields(tmp_path
     files, notes = write_plots([timed, bigger, count_only, failed, {"schema_version": 9}], tmp_path)
     assert sorted(path.name for path in files) == sorted(f"{n}.{ext}" for n in PLOTS for ext in ("png", "html"))
     assert notes[0] == "accuracy_vs_ttft: no row has an accuracy (`ablate eval --db` stores one)"
-    assert notes[1:] == [f"{name}: no row has FLOP counts" for name in COUNT_PLOTS]
+    assert notes[1] == "fidelity_vs_ttft: no row has a fidelity (`--fidelity` measures one)"
+    assert notes[2:] == [f"{name}: no row has FLOP counts" for name in COUNT_PLOTS]
 
 
 def test_accuracy_vs_ttft_marks_the_pareto_front_and_chance(tmp_path):

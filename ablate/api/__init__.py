@@ -43,6 +43,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
             "DecoderOutput",
             "DecoderPruning",
             "EncoderConfig",
+            "LayerStates",
             "ReducerConfig",
             "StageContext",
             "TokenLayout",

@@ -426,18 +426,34 @@ IGNORE_INDEX = -100  # label of positions that do not count in the loss (visual 
 
 
 @dataclass(frozen=True)
+class LayerStates:
+    """What a decoder hands an in-LLM reducer that selects by the tokens' states (DART), after layer `layer - 1`.
+
+    hidden:           (B, T, hidden) that layer's output through the decoder's final norm.
+    keys:             (B, T, kv_heads * head_dim) that layer's keys as its KV cache holds them (after RoPE).
+    visual_positions: (B, N) where each row's visual tokens sit among the T positions.
+    """
+
+    hidden: torch.Tensor
+    keys: torch.Tensor
+    visual_positions: torch.Tensor
+
+
+@dataclass(frozen=True)
 class DecoderPruning:
-    """A reducer's order to drop visual tokens inside the decoder's prefill (FastV): see `Decoder.prefill_pruned`.
+    """A reducer's order to drop visual tokens inside the decoder's prefill (FastV, DART): see `Decoder.prefill_pruned`.
 
     layer:  layers [0, layer) run over every token; layers [layer, L) over the text and the kept visual tokens.
     keep:   how many visual tokens each row keeps (known before the decoder runs, for token and FLOP counts).
     select: (B, heads, N) attention probabilities that the N visual tokens receive from the last position in layer
             `layer - 1` -> (B, keep) indices of the visual tokens to keep, each row sorted ascending.
+    select_states: instead of `select`, a `LayerStates` of layer `layer - 1` -> the same (B, keep) indices.
     """
 
     layer: int
     keep: int
-    select: Callable[[torch.Tensor], torch.Tensor]
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    select_states: Callable[[LayerStates], torch.Tensor] | None = None
 
 
 class Decoder(Component):
@@ -489,7 +505,8 @@ class Decoder(Component):
         After layer `pruning.layer - 1`, the decoder computes the attention probabilities that the visual tokens
         receive from the last position in that layer, per head, (B, heads, N), without changing the attention
         kernel the layer runs on; `pruning.select` picks the kept ones. The remaining layers run on the text and
-        the kept visual tokens, which keep their original position ids (RoPE). Only decoders with
+        the kept visual tokens, which keep their original position ids (RoPE). With `pruning.select_states` the
+        decoder hands that layer's `LayerStates` to it instead of computing the attention. Only decoders with
         `prunes_in_prefill = True` implement it.
         """
         raise NotImplementedError

@@ -56,7 +56,8 @@ def add_commands(sub) -> None:
     results.add_argument(
         "--columns",
         metavar="PATH,...",
-        help="show these columns (a block such as latency_ms: each of its fields); also for --csv and --json",
+        help="show these columns (a block such as latency_ms: each of its fields; `reducers`: a token-reduction "
+        "paper's table); also for --csv and --json",
     )
     results.add_argument(
         "--pivot",

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ablate.api.components import DECODER_PRUNING, StageContext
+from ablate.api.components import DECODER_PRUNING, DecoderPruning, StageContext
 from ablate.api.errors import AblateError, PluginFailure, ResourceError, first_line, out_of_memory, unexpected
 from ablate.api.hooks import KINDS
 from ablate.api.preprocessing import load_image, synthetic_image
@@ -36,7 +36,7 @@ from ablate.measurement.fidelity import first_token_fidelity
 from ablate.measurement.machine import check_machine, environment, peak_memory
 from ablate.measurement.modes import prepare, requested
 from ablate.measurement.profiling import profile_stages, trace_path
-from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, Params, Record, Tokens
+from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, LLMTokens, Params, Record, Tokens
 from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes
 from ablate.measurement.timing import Progress, StageTimer, time_stages
 from ablate.model.build import build, default_dtype
@@ -295,11 +295,21 @@ def _fill_counts(
     summary = token_summary(meta_vlm, tokens, config.prompt_tokens)
     record.tokens = Tokens(**summary)
     record.visual_tokens = None if summary["llm_input"] is None else summary["llm_input"] - config.prompt_tokens
-    prefill = None
+    prefill, pruning = None, out.extras.get(DECODER_PRUNING)
     if summary["llm_input"] is not None:
-        pruning = out.extras.get(DECODER_PRUNING)
         prefill = count_prefill_flops(meta_vlm, config.batch_size, summary["llm_input"], pruning, record.visual_tokens)
     record.flops = Flops(**with_total({**flops, "prefill": prefill}))
+    record.llm_tokens = llm_tokens(meta_vlm.decoder.num_layers, record.visual_tokens, config.prompt_tokens, pruning)
+
+
+def llm_tokens(layers: int, visual: int | None, prompt: int, pruning: DecoderPruning | None) -> LLMTokens:
+    """Visual tokens per LLM layer (an in-LLM reducer's drop after its layer included) and the KV cache they leave."""
+    if not layers or visual is None:
+        return LLMTokens()
+    per_layer = (
+        [visual] * layers if pruning is None else [visual] * pruning.layer + [pruning.keep] * (layers - pruning.layer)
+    )
+    return LLMTokens(per_layer, sum(per_layer) / layers, sum(per_layer) + prompt * layers)
 
 
 def _count_only_notes(record: Record, meta_vlm: VLM, vision_out: StageContext, config: VLMConfig) -> None:

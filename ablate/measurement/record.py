@@ -57,6 +57,22 @@ class Tokens:
 
 
 @dataclass
+class LLMTokens:
+    """The tokens the LLM's layers work on, for one image, counted one way for every reducer (in-LLM pruning
+    included), so that equal budgets are equal by construction."""
+
+    visual_per_layer: list[int] | None = doc(
+        "visual tokens each LLM layer runs over, layer 0 first (all equal unless a reducer prunes inside the LLM)"
+    )
+    visual_layer_average: float | None = doc(
+        "their mean over the layers: the count FastV, SparseVLM and DART report (the LLM's input for the others)"
+    )
+    kv_cache: int | None = doc(
+        "token positions the KV cache holds after the prefill, visual and prompt, summed over the layers"
+    )
+
+
+@dataclass
 class Params:
     """Parameters per component."""
 
@@ -318,6 +334,7 @@ class Record:
     prompt_tokens: int | None = doc("text tokens of the prompt besides the image")
     batch_size: int | None = doc("images (and prompts) per call")
     tokens: Tokens = doc("tokens out of each stage, for one image", factory=Tokens)
+    llm_tokens: LLMTokens = doc("the tokens the LLM's layers see, for one image", factory=LLMTokens)
     params: Params = doc("parameters per component", factory=Params)
     flops: Flops = doc("FLOPs per stage for the batch", factory=Flops)
     latency_ms: Latency = doc(

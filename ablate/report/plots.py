@@ -7,6 +7,8 @@ From timed rows:
     encoder_vs_resolution   encoder latency against input resolution, one line per encoder
     accuracy_vs_ttft        exact-match accuracy against TTFT with the Pareto front, for rows `ablate eval --db`
                             stored (a trained variant's accuracy and timing in one record)
+    fidelity_vs_ttft        first-token KL against no reduction (run.fidelity) against TTFT with the Pareto front:
+                            a token-reduction study's methods and budgets side by side
 From every row with counts (count-only grids too):
     flops_vs_tokens         total FLOPs against visual tokens, with the Pareto front (as many tokens, fewer FLOPs)
     encoder_flops_vs_resolution   the encoder's FLOPs against input resolution, one line per encoder
@@ -143,6 +145,7 @@ def write_plots(
         ("stage_latency", _stage_latency, timed, timed_context),
         ("encoder_vs_resolution", _encoder_vs_resolution, timed, timed_context),
         ("accuracy_vs_ttft", _accuracy_vs_ttft, timed, timed_context),
+        ("fidelity_vs_ttft", _fidelity_vs_ttft, timed, timed_context),
         ("flops_vs_tokens", _flops_vs_tokens, counted, COUNTED),
         ("encoder_flops_vs_resolution", _encoder_flops_vs_resolution, counted, COUNTED),
         ("params", _params, counted, COUNTED),
@@ -611,5 +614,42 @@ def _accuracy_vs_ttft(records, context, Figure, go):
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.set_ylim(0, 105)
+    _legend_below(figure)
+    return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label, how_to_read))
+
+
+def _fidelity_vs_ttft(records, context, Figure, go):
+    points = [r for r in records if _number(r, "fidelity.kl") is not None]
+    if not points:
+        return "no row has a fidelity (`--fidelity` measures one)"
+    points.sort(key=lambda r: _number(r, "latency_ms.ttft"))
+    title, x_label = "Fidelity vs TTFT", "TTFT (ms), lower is better"
+    y_label = "first-token KL vs no reduction (nats), lower is better"
+    how_to_read = "Dashed: the Pareto front, the runs no other run beats with as low a KL at as low a TTFT."
+    figure, axes = _new_figure(Figure, title, context, how_to_read)
+    xs, ys = [_number(r, "latency_ms.ttft") for r in points], [_number(r, "fidelity.kl") for r in points]
+    axes.scatter(xs, ys, color=COLORS[0], zorder=3)
+    labels = cell_labels(points)
+    for label, x, y in zip(labels, xs, ys):
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    front = [points[i] for i in pareto_front([(-y, x) for x, y in zip(xs, ys)])]
+    fx, fy = [_number(r, "latency_ms.ttft") for r in front], [_number(r, "fidelity.kl") for r in front]
+    axes.step(fx, fy, where="post", color="black", linestyle="--", linewidth=1, label="Pareto front")
+    traces = [
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            name="runs",
+            marker={"color": COLORS[0]},
+            text=labels,
+            hovertemplate="%{text}<br>TTFT %{x:.1f} ms<br>KL %{y:.4f}<extra></extra>",
+        ),
+        go.Scatter(
+            x=fx, y=fy, mode="lines", line={"shape": "hv", "dash": "dash", "color": "black"}, name="Pareto front"
+        ),
+    ]
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
     _legend_below(figure)
     return figure, go.Figure(traces, _plotly_layout(go, title, context, x_label, y_label, how_to_read))

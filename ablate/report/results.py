@@ -34,6 +34,27 @@ DEFAULT_COLUMNS = (
     "peak_memory_mb",
 )
 
+# Named column sets `--columns` takes in place of paths: the table one kind of study reports, with the columns that
+# no row has a value in left out (e.g. fidelity under --count-only).
+VIEWS = {
+    # a token-reduction paper's table: method, budget (reducer.tokens, or encoder.target_tokens for downsampling),
+    # the tokens the LLM's layers see on average and in the KV cache, the reducer's and the first token's latency,
+    # fidelity against no reduction, and accuracy where the rows have it
+    "reducers": (
+        "reducer",
+        "reducer.tokens",
+        "encoder",
+        "encoder.target_tokens",
+        "llm_tokens.visual_layer_average",
+        "llm_tokens.kv_cache",
+        "latency_ms.reducer",
+        "latency_ms.ttft",
+        "fidelity.top1_agreement",
+        "fidelity.kl",
+        *ACCURACY_COLUMNS,
+    ),
+}
+
 
 def results(
     db: str = DEFAULT_DB,
@@ -110,9 +131,13 @@ def check_paths(store: Store, paths: Iterable[str], what: str) -> None:
 
 
 def expand_columns(rows: Sequence[Row], columns: Iterable[str]) -> list[str]:
-    """A column naming a block of the record (`latency_ms`, `accuracy`) becomes one column per field it holds."""
+    """A column naming a block of the record (`latency_ms`, `accuracy`) becomes one column per field it holds; a
+    view's name (`VIEWS`) its columns that some row has."""
     expanded = []
     for column in columns:
+        if column in VIEWS:
+            expanded += [path for path in VIEWS[column] if any(value_of(row, path) is not None for row in rows)]
+            continue
         fields: dict[str, None] = {}
         if column not in ROW_NAMES:
             for row in rows:

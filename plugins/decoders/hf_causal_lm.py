@@ -34,6 +34,7 @@ from ablate.api import (
     DecoderConfig,
     DecoderOutput,
     DecoderPruning,
+    LayerStates,
     did_you_mean,
     hookimpl,
     load_state_dict_strict,
@@ -467,10 +468,17 @@ class HFCausalLM(Decoder):
             return hidden
 
         hidden = run(layers[: pruning.layer - 1], hidden, positions)
-        with _last_row_attention(layers[pruning.layer - 1].self_attn) as rows:
+        if pruning.select_states is not None:  # DART-style: the layer's states, read from its output and its cache
             hidden = run(layers[pruning.layer - 1 : pruning.layer], hidden, positions)
-        attention = rows["attention"].gather(2, visual_positions[:, None].expand(-1, rows["attention"].shape[1], -1))
-        hidden, positions = self._keep(hidden, positions, visual_positions, pruning.select(attention))
+            keys = cache.layers[pruning.layer - 1].keys  # (B, kv_heads, T, head_dim), after RoPE
+            states = LayerStates(model.norm(hidden), keys.transpose(1, 2).flatten(2), visual_positions)
+            chosen = pruning.select_states(states)
+        else:
+            with _last_row_attention(layers[pruning.layer - 1].self_attn) as rows:
+                hidden = run(layers[pruning.layer - 1 : pruning.layer], hidden, positions)
+            row = rows["attention"]
+            chosen = pruning.select(row.gather(2, visual_positions[:, None].expand(-1, row.shape[1], -1)))
+        hidden, positions = self._keep(hidden, positions, visual_positions, chosen)
         hidden = run(layers[pruning.layer :], hidden, positions)
         logits = self.lm.lm_head(model.norm(hidden[:, -1:]))
         return DecoderOutput(logits=logits[:, -1])
