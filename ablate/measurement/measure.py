@@ -168,6 +168,9 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
     _describe(config, record)
     where["stage"] = "checking the machine"
     check_machine(config)  # here, where the run happens: a grid resolved elsewhere fails cell by cell
+    runtime = registry.runtime(options.runtime)
+    if runtime is not None:
+        runtime.check()  # its optional dependencies are installed here
     device = torch.device(options.device)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -208,8 +211,8 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         pixels = pixels.unsqueeze(0).expand(config.batch_size, *pixels.shape).contiguous().to(device)
         ids = vlm.make_prompt(config.prompt_tokens, config.batch_size, options.seed).to(device)
         ctx = vlm.start(pixels, ids, image_size=image.size)
-        where["stage"] = f"preparing {options.mode} mode"
-        prepared = prepare(vlm, ctx, options, progress)
+        where["stage"] = f"preparing {options.mode} mode" if runtime is None else f"preparing runtime {runtime.name}"
+        prepared = prepare(vlm, ctx, options, progress, runtime)
         record.execution = prepared.entry
         record.notes += prepared.notes
 

@@ -173,6 +173,9 @@ class Fidelity:
 class ModeChoice:
     """How stages run: the execution mode, each component's dtype, the encoder's memory format."""
 
+    runtime: str | None = doc(
+        "where the stages run: torch, a runtime plugin's name, or mixed (some fell back to torch)"
+    )
     mode: str | None = doc("eager, compile, cudagraph, or mixed (some stages fell back)")
     dtypes: dict[str, str] | None = doc("dtype per component")
     memory_format: str | None = doc("contiguous or channels_last")
@@ -194,7 +197,11 @@ class Execution:
 
     requested: ModeChoice | None = doc("what the run options asked for")
     used: ModeChoice = doc("what ran", factory=ModeChoice)
-    stages: dict[str, str] | None = doc("how each stage ran: eager, compile, cudagraph, or no-op (nothing to run)")
+    stages: dict[str, str] | None = doc(
+        "how each stage ran: eager, compile, cudagraph, the runtime's name, or no-op (nothing to run)"
+    )
+    runtimes: dict[str, str] | None = doc("the runtime each stage ran in: torch, or run.runtime's")
+    prepare_s: dict[str, float] | None = doc("outside torch: seconds each stage took to prepare (export, load)")
     ttft: str | None = doc("how the one-call TTFT ran (one CUDA graph, or the stages in turn)")
     fallbacks: list[str] = doc("one sentence per thing that could not run as asked, and what ran instead", factory=list)
     timer: str | None = doc("perf_counter (CPU) or cuda-events")

@@ -1,0 +1,150 @@
+"""Runtimes: where a built VLM's stages run when they are timed (`run.runtime`).
+
+The core's own runtime is `torch` (TORCH_RUNTIME): PyTorch, in one of the execution modes of `run.mode` (eager,
+compile, cudagraph). It is the reference: every other runtime's outputs are compared with torch's eager ones, and a
+stage another runtime cannot take runs there instead. A plugin adds a runtime by subclassing `Runtime` and
+registering it with the `register_runtimes` hook:
+
+    from ablate.api import Runtime, RuntimeStage, StageFallback, hookimpl
+
+    class MyRuntime(Runtime):
+        \"\"\"One line for `ablate plugins`.\"\"\"
+
+        name = "my-runtime"
+        extra = "my-runtime"              # pip install 'ablate-vlm[my-runtime]' installs what `requires` names
+        requires = ("my_runtime_package",)
+
+        def prepare(self, stage: RuntimeStage):
+            ...                           # export, compile, load; raise StageFallback("why") if it cannot
+            return run                    # a callable: the stage's input -> its output, as stage.run gives it
+
+    @hookimpl
+    def register_runtimes(register):
+        register(MyRuntime)
+
+A runtime sees one stage at a time (encoder, reducer, connector, prefill) with the input the eager run gave it on
+this run's image and the eager output, so that it can trace or export on real shapes. What comes in and goes out is
+a StageContext (the prefill returns logits): `tensors_of` lists a value's tensors in a fixed order and `with_tensors`
+puts new ones in their place, which is what a runtime that runs graphs of plain tensors needs.
+`ablate.api.testing.RuntimeConformance` checks a runtime's promises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ablate.api.components import Attention, StageContext
+from ablate.api.errors import ResourceError
+
+TORCH_RUNTIME = "torch"  # the core's runtime: the reference, and where a stage that falls back runs
+
+
+class StageFallback(Exception):  # noqa: N818 - not an error: a stage this runtime does not take
+    """Raised by `Runtime.prepare`: this stage cannot run in this runtime; its message says why, in one sentence
+    (e.g. "the reducer's token count depends on the image"). The stage then runs in torch, eagerly, and the record
+    says why."""
+
+
+@dataclass
+class RuntimeStage:
+    """One stage, as a runtime gets it to prepare."""
+
+    name: str  # encoder, reducer, connector or prefill
+    run: Callable[[Any], Any]  # the eager stage: input -> output (a StageContext; the prefill: logits)
+    module: nn.Module  # the component it runs (its weights)
+    example: Any  # its input on this run's image, as the eager run gave it
+    output: Any  # the eager output on that input
+    static: bool  # False: its output's shape is decided by the image (a data-dependent reducer)
+    device: torch.device
+
+
+class Runtime:
+    """A place the stages run. Subclass it, set `name` (and `extra`, `requires`), implement `prepare`.
+
+    One instance serves one run: `prepare` is called once per stage, in pipeline order, before anything is timed.
+    """
+
+    kind = "runtime"
+    name: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None  # the optional dependency group of ablate-vlm that installs `requires`
+    requires: ClassVar[tuple[str, ...]] = ()  # import names of the packages the runtime needs
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        """The packages of `requires` that cannot be imported here."""
+        return [package for package in cls.requires if importlib.util.find_spec(package) is None]
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise ResourceError, naming the extra to install, when a required package is missing."""
+        missing = cls.missing()
+        if not missing:
+            return
+        install = f"pip install 'ablate-vlm[{cls.extra}]'" if cls.extra else f"pip install {' '.join(missing)}"
+        raise ResourceError(
+            f"Runtime '{cls.name}' (run.runtime) needs {', '.join(missing)}, which is not installed here: "
+            f"`{install}`, or run in another runtime (run.runtime={TORCH_RUNTIME} is always there)."
+        )
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads  # the CPU threads torch runs with: a runtime with its own pool should use as many
+        self.notes: list[str] = []  # sentences for the record's notes (what the runtime chose, e.g. its provider)
+
+    def prepare(self, stage: RuntimeStage) -> Callable[[Any], Any]:
+        """A callable that runs `stage` here: takes an input like `stage.example`, returns an output like
+        `stage.output`. Raise StageFallback to leave this stage to torch."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ values as lists of tensors
+
+
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    """Every tensor a stage input or output holds, in a fixed order: a tensor is itself; a StageContext's fields in
+    order (an Attention's queries then keys, a mapping's tensors by key)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, StageContext):
+        found = []
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if isinstance(item, Attention):
+                found += [item.queries, item.keys]
+            elif isinstance(item, dict):
+                found += [v for _, v in sorted(item.items()) if isinstance(v, torch.Tensor)]
+            elif isinstance(item, torch.Tensor):
+                found.append(item)
+        return found
+    return []
+
+
+def with_tensors(template: Any, tensors: list[torch.Tensor]) -> Any:
+    """`template` with its tensors (in `tensors_of` order) replaced by `tensors`; everything else as it was."""
+    if isinstance(template, torch.Tensor):
+        (tensor,) = tensors
+        return tensor
+    if not isinstance(template, StageContext):
+        return template
+    supply = iter(tensors)
+    changes = {}
+    for f in dataclasses.fields(template):
+        item = getattr(template, f.name)
+        if isinstance(item, Attention):
+            changes[f.name] = replace(item, queries=next(supply), keys=next(supply))
+        elif isinstance(item, dict):
+            changes[f.name] = {
+                k: next(supply) if isinstance(v, torch.Tensor) else v for k, v in sorted(item.items())
+            } | {k: v for k, v in item.items() if not isinstance(v, torch.Tensor)}
+        elif isinstance(item, torch.Tensor):
+            changes[f.name] = next(supply)
+    leftover = next(supply, None)
+    if leftover is not None:
+        raise ValueError("more tensors than the template holds")
+    return replace(template, **changes)

@@ -1,0 +1,109 @@
+"""ONNX Runtime (`run.runtime=onnxruntime`, extra `onnx`): each stage exported with torch's ONNX exporter on the
+run's own shapes and run in an InferenceSession (CPU provider; CUDA when the device is a GPU and the installed
+onnxruntime has it).
+
+A stage is a function of a StageContext; the exported graph is a function of its tensors (`tensors_of`), and the
+runner puts the session's outputs back where the eager output had them (`with_tensors`). Tensors a stage only passes
+on (the prompt ids through the encoder) are not exported: the runner hands the input on, as eager does.
+
+Falls back to torch, saying why: a stage whose token count depends on the image (an exported graph fixes every
+shape, so it would keep this image's count for every image), a bfloat16 stage (numpy, the sessions' input, has no
+bfloat16), and any stage the exporter or the session refuses.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from torch import nn
+
+from ablate.api import Runtime, RuntimeStage, StageFallback, first_line, hookimpl, tensors_of, with_tensors
+
+EXPORTABLE = (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool)
+
+
+class _Flat(nn.Module):
+    """The stage as a function of its input's tensors, returning the output tensors it computes."""
+
+    def __init__(self, stage: RuntimeStage, computed: list[int]):
+        super().__init__()
+        self.module = stage.module  # its weights become the graph's initializers
+        self.stage, self.computed = stage, computed
+
+    def forward(self, *tensors):
+        out = tensors_of(self.stage.run(with_tensors(self.stage.example, list(tensors))))
+        return tuple(out[i] for i in self.computed)
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime: each stage exported to ONNX and run in an InferenceSession (CPU; CUDA when present)."""
+
+    name = "onnxruntime"
+    extra = "onnx"
+    requires = ("onnxruntime", "onnx", "onnxscript")
+
+    def prepare(self, stage: RuntimeStage):
+        import onnxruntime
+
+        if not stage.static:
+            raise StageFallback(
+                "its token count depends on the image, and an exported graph fixes every shape to this image's"
+            )
+        inputs, outputs = tensors_of(stage.example), tensors_of(stage.output)
+        odd = sorted({str(t.dtype).removeprefix("torch.") for t in inputs + outputs if t.dtype not in EXPORTABLE})
+        odd += sorted({str(p.dtype).removeprefix("torch.") for p in stage.module.parameters()} - {"float32"})
+        if odd:
+            raise StageFallback(f"its tensors are {', '.join(sorted(set(odd)))}, and ONNX Runtime runs float32 here")
+        # An output that is an input passed on is not exported: the runner hands the input on.
+        passed = {i: next((j for j, t in enumerate(inputs) if t is o), None) for i, o in enumerate(outputs)}
+        computed = [i for i, j in passed.items() if j is None]
+        graph = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's warnings about constants: our shapes are fixed
+                torch.onnx.export(
+                    _Flat(stage, computed),
+                    tuple(inputs),
+                    graph,
+                    input_names=[f"in{i}" for i in range(len(inputs))],
+                    output_names=[f"out{i}" for i in computed],
+                    dynamo=True,
+                    verbose=False,
+                )
+        except Exception as exc:  # noqa: BLE001 - any exporter failure: leave the stage to torch, saying why
+            raise StageFallback(f"torch.onnx.export failed: {first_line(exc, with_type=True, width=160)}") from None
+        options = onnxruntime.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        providers = ["CPUExecutionProvider"]
+        if stage.device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - a graph the session cannot load: torch runs the stage
+            raise StageFallback(f"ONNX Runtime cannot load the graph: {first_line(exc, width=160)}") from None
+        used = session.get_providers()[0]
+        if self.notes == []:
+            self.notes.append(f"runtime onnxruntime {onnxruntime.__version__}: {used}, {self.threads} threads.")
+        feeds = [(node.name, int(node.name[2:])) for node in session.get_inputs()]  # the inputs the graph reads
+        template, device = stage.output, stage.device
+
+        def run(value):
+            flat = tensors_of(value)
+            results = session.run(None, {name: flat[i].detach().cpu().numpy() for name, i in feeds})
+            out = [None] * len(passed)
+            for i, result in zip(computed, results):
+                out[i] = torch.from_numpy(result).to(device)
+            for i, j in passed.items():
+                if j is not None:
+                    out[i] = flat[j]
+            return with_tensors(template, out)
+
+        return run
+
+
+@hookimpl
+def register_runtimes(register):
+    register(OnnxRuntime)
