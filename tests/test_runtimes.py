@@ -1,0 +1,161 @@
+"""Runtimes (`run.runtime`): the plugin kind, its conformance suite (passed by ONNX Runtime and by a third-party
+runtime defined here, failed by a runtime that freezes its example), and whole runs of `tiny` in ONNX Runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_registry import plugin
+
+import ablate
+from ablate.api import Runtime, StageFallback, hookimpl, tensors_of, with_tensors
+from ablate.api.errors import ConfigError, UnknownComponentError
+from ablate.api.registry import Registry
+from ablate.api.testing import RuntimeConformance
+from ablate_plugins.runtimes.onnx_runtime import OnnxRuntime
+
+FAST = dict(repeats=1, warmup=0)
+STAGES = ("encoder", "reducer", "connector", "prefill")
+HAS_ONNX = not OnnxRuntime.missing()
+needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="needs the onnx extra: pip install 'ablate-vlm[onnx]'")
+
+
+class Flat(torch.nn.Module):
+    def __init__(self, stage):
+        super().__init__()
+        self.module, self.stage = stage.module, stage
+
+    def forward(self, *tensors):
+        return tuple(tensors_of(self.stage.run(with_tensors(self.stage.example, list(tensors)))))
+
+
+class ExportRuntime(Runtime):
+    """torch.export: each stage exported to an ExportedProgram on its input's tensors (a third-party runtime)."""
+
+    name = "torch-export"
+
+    def prepare(self, stage):
+        if not stage.static:
+            raise StageFallback("its token count depends on the image")
+        program = torch.export.export(Flat(stage), tuple(tensors_of(stage.example))).module()
+        return lambda value: with_tensors(stage.output, list(program(*tensors_of(value))))
+
+
+class FrozenRuntime(Runtime):
+    """Returns the example's eager output whatever it is given: what the suite must catch."""
+
+    name = "frozen"
+
+    def prepare(self, stage):
+        return lambda value: stage.output
+
+
+@needs_onnx
+class TestOnnxRuntime(RuntimeConformance):
+    runtime = OnnxRuntime
+
+
+class TestExportRuntime(RuntimeConformance):
+    runtime = ExportRuntime
+    check_registration = False  # no entry point: it lives in this test module
+
+
+def test_the_suite_catches_a_runtime_that_freezes_its_example():
+    suite = type("TestFrozen", (RuntimeConformance,), {"runtime": FrozenRuntime, "check_registration": False})()
+    with pytest.raises(AssertionError, match="deviation from eager"):
+        suite.test_a_connector_like_stage_matches_eager()
+    with pytest.raises(AssertionError, match="example's token count"):
+        suite.test_a_data_dependent_stage_falls_back_or_is_right()
+
+
+def export_registry() -> Registry:
+    registry = Registry()
+    registry.load_entry_points()
+
+    @hookimpl
+    def register_runtimes(register):
+        register(ExportRuntime)
+
+    registry.add_plugin(plugin(register_runtimes=register_runtimes), "export-runtime", strict=True)
+    return registry
+
+
+def test_a_third_party_runtime_runs_a_whole_model_and_the_record_says_where():
+    record = ablate.measure("tiny", registry=export_registry(), runtime="torch-export", **FAST).to_dict()
+    execution = record["execution"]
+    assert execution["requested"]["runtime"] == execution["used"]["runtime"] == "torch-export"
+    assert execution["runtimes"] == {
+        "encoder": "torch-export",
+        "reducer": "no-op",
+        "connector": "torch-export",
+        "prefill": "torch-export",
+    }
+    assert set(execution["prepare_s"]) == {"encoder", "connector", "prefill"}
+    assert all(value <= 1e-4 for value in execution["deviation_from_eager"].values())
+    assert record["latency_ms"]["ttft"] > 0 and record["error"] is None
+
+
+def test_the_torch_runtime_is_the_default_and_says_so():
+    execution = ablate.measure("tiny", **FAST).to_dict()["execution"]
+    assert execution["requested"]["runtime"] == execution["used"]["runtime"] == "torch"
+    assert execution["runtimes"] == dict.fromkeys(STAGES, "torch") and execution["prepare_s"] is None
+
+
+def test_a_plugin_cannot_take_the_core_runtime_name():
+    class Impostor(Runtime):
+        """Not torch."""
+
+        name = "torch"
+
+    @hookimpl
+    def register_runtimes(register):
+        register(Impostor)
+
+    registry = Registry()
+    registry.add_plugin(plugin(register_runtimes=register_runtimes), "impostor")
+    assert "ablate's own" in registry.plugins["impostor"].error
+    with pytest.raises(UnknownComponentError, match="Available runtimes: torch"):
+        registry.runtime("tensorrt")
+
+
+def test_modes_belong_to_torch():
+    with pytest.raises(ConfigError, match="run.mode=compile is a mode of the torch runtime"):
+        ablate.plan("tiny", runtime="torch-export", mode="compile", registry=export_registry())
+
+
+@needs_onnx
+def test_tiny_runs_in_onnx_runtime_within_1e4_of_eager():
+    record = ablate.measure("tiny", runtime="onnxruntime", **FAST).to_dict()
+    execution = record["execution"]
+    assert execution["used"]["runtime"] == "onnxruntime" and execution["fallbacks"] == []
+    assert execution["runtimes"] == {
+        "encoder": "onnxruntime",
+        "reducer": "no-op",
+        "connector": "onnxruntime",
+        "prefill": "onnxruntime",
+    }
+    deviations = execution["deviation_from_eager"]
+    assert set(deviations) == set(STAGES) and all(0 <= value <= 1e-4 for value in deviations.values()), deviations
+    assert all(seconds > 0 for seconds in execution["prepare_s"].values())
+    assert any(note.startswith("runtime onnxruntime") for note in record["notes"])
+
+
+@needs_onnx
+def test_a_data_dependent_reducer_falls_back_to_torch_labelled():
+    record = ablate.measure("tiny", ["reducer=prumerge"], runtime="onnxruntime", **FAST).to_dict()
+    execution = record["execution"]
+    assert execution["runtimes"]["reducer"] == "torch" and execution["stages"]["reducer"] == "eager"
+    assert execution["used"]["runtime"] == "mixed" and execution["used"]["mode"] == "eager"
+    (fallback,) = execution["fallbacks"]
+    assert "reducer stage does not run in onnxruntime" in fallback and "depends on the image" in fallback
+    assert execution["runtimes"]["connector"] == execution["runtimes"]["prefill"] == "onnxruntime"
+    assert all(value <= 1e-4 for value in execution["deviation_from_eager"].values())
+
+
+@needs_onnx
+def test_bfloat16_stages_fall_back_and_say_why():
+    execution = ablate.measure("tiny", ["run.dtypes.decoder=bfloat16"], runtime="onnxruntime", **FAST).to_dict()[
+        "execution"
+    ]
+    assert execution["runtimes"]["prefill"] == "torch" and execution["runtimes"]["encoder"] == "onnxruntime"
+    assert any("bfloat16" in sentence and "prefill" in sentence for sentence in execution["fallbacks"])
