@@ -159,3 +159,42 @@ def test_bfloat16_stages_fall_back_and_say_why():
     ]
     assert execution["runtimes"]["prefill"] == "torch" and execution["runtimes"]["encoder"] == "onnxruntime"
     assert any("bfloat16" in sentence and "prefill" in sentence for sentence in execution["fallbacks"])
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+
+INT8_DEVIATION = 5e-2  # the stated bound for int8-dynamic on `tiny`: max relative deviation from float eager
+
+
+def test_int8_dynamic_in_torch_stores_a_quarter_of_the_linear_weights_and_measures_fidelity():
+    record = ablate.measure("tiny", ["run.quantize.connector=int8-dynamic"], **FAST).to_dict()
+    quantization = record["quantization"]
+    assert quantization["schemes"] == {"connector": "int8-dynamic"}
+    ratio = quantization["quantized_bytes"]["connector"] / quantization["float_bytes"]["connector"]
+    assert 0.2 < ratio < 0.35, ratio  # int8 weights, float32 biases and scales: about a quarter
+    fidelity = quantization["fidelity"]
+    assert fidelity["rows"] == 1 and 0 <= fidelity["top1_agreement"] <= 1 and fidelity["kl"] >= 0
+    assert "unquantized" in fidelity["reference"]
+    assert record["fidelity"] is None  # run.fidelity (against no reducer) stays what it was
+
+
+def test_an_unquantized_run_has_no_quantization_block():
+    assert ablate.measure("tiny", **FAST).quantization is None
+
+
+def test_quantizing_a_bfloat16_component_is_refused():
+    with pytest.raises(ConfigError, match="quantizes float32 weights"):
+        ablate.plan("tiny", ["run.quantize.decoder=int8-dynamic", "run.dtypes.decoder=bfloat16"])
+
+
+@needs_onnx
+def test_int8_dynamic_in_onnx_runtime_is_its_own_and_stays_within_the_stated_bound():
+    overrides = ["run.quantize.connector=int8-dynamic", "run.quantize.decoder=int8-dynamic"]
+    record = ablate.measure("tiny", overrides, runtime="onnxruntime", **FAST).to_dict()
+    assert record["execution"]["runtimes"]["connector"] == record["execution"]["runtimes"]["prefill"] == "onnxruntime"
+    quantization = record["quantization"]
+    for kind in ("connector", "decoder"):
+        assert quantization["quantized_bytes"][kind] < 0.35 * quantization["float_bytes"][kind], quantization
+    assert quantization["fidelity"]["top1_agreement"] is not None
+    deviations = record["execution"]["deviation_from_eager"]
+    assert 0 < deviations["prefill"] <= INT8_DEVIATION, deviations  # against float eager: the int8 error shows

@@ -63,6 +63,9 @@ class RuntimeStage:
     output: Any  # the eager output on that input
     static: bool  # False: its output's shape is decided by the image (a data-dependent reducer)
     device: torch.device
+    # run.quantize's scheme for its component (e.g. int8-dynamic), or None. A runtime applies its own int8 and
+    # records the bytes in `Runtime.weight_bytes`, or raises StageFallback: torch then quantizes and runs the stage.
+    quantize: str | None = None
 
 
 class Runtime:
@@ -96,6 +99,7 @@ class Runtime:
     def __init__(self, threads: int | None = None):
         self.threads = threads  # the CPU threads torch runs with: a runtime with its own pool should use as many
         self.notes: list[str] = []  # sentences for the record's notes (what the runtime chose, e.g. its provider)
+        self.weight_bytes: dict[str, int] = {}  # stage name -> bytes of its weights as the runtime holds them
 
     def prepare(self, stage: RuntimeStage) -> Callable[[Any], Any]:
         """A callable that runs `stage` here: takes an input like `stage.example`, returns an output like

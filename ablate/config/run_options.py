@@ -105,6 +105,12 @@ class RunOptions:
                     f"Unknown quantization '{scheme}' (run.quantize.{kind}). Choose one of: {', '.join(QUANTIZATIONS)}, "
                     f"or leave it unset for none."
                 )
+            if scheme is not None and self.dtype_of(kind) != torch.float32:
+                raise ConfigError(
+                    f"run.quantize.{kind}={scheme} quantizes float32 weights, but the {kind} runs in "
+                    f"{str(self.dtype_of(kind)).removeprefix('torch.')}: set run.dtypes.{kind}=float32, or drop the "
+                    f"quantization."
+                )
         if self.memory_format not in MEMORY_FORMATS:
             raise ConfigError(
                 f"Unknown memory format '{self.memory_format}' (run.memory_format, --memory-format). Choose one of: "

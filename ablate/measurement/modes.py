@@ -39,6 +39,7 @@ from ablate.api.hooks import KINDS
 from ablate.api.runtimes import TORCH_RUNTIME, Runtime, RuntimeStage, StageFallback, tensors_of
 from ablate.config.run_options import RunOptions
 from ablate.measurement.machine import cpu_features
+from ablate.measurement.quantization import quantize
 from ablate.measurement.record import Execution, ModeChoice
 from ablate.measurement.timing import Progress, StageTimer
 from ablate.model.vlm import STAGE_COMPONENT
@@ -55,6 +56,7 @@ class Prepared:
     ctx: StageContext  # the first stage's input (pixels in the chosen memory format)
     entry: Execution  # the record's execution block
     notes: list[str] = field(default_factory=list)
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # stage -> its weights' bytes, as a runtime held them
 
 
 def prepare(
@@ -93,12 +95,12 @@ def prepare(
     if runtime is not None:
         start = time.perf_counter()
         with torch.inference_mode():
-            stages, ttft = _in_runtime(runtime, vlm, ctx, entry, notes, progress)
+            stages, ttft, held = _in_runtime(runtime, vlm, ctx, entry, notes, options, progress)
         entry.setup_s = time.perf_counter() - start
         ran = set(entry.runtimes.values()) - {"no-op"}
         entry.used.runtime = runtime.name if ran <= {runtime.name} else "mixed"
         entry.used.mode = "eager" if TORCH_RUNTIME in ran else None
-        return Prepared(stages, ttft, ctx, entry, notes)
+        return Prepared(stages, ttft, ctx, entry, notes, held)
     entry.used.runtime = TORCH_RUNTIME
     entry.runtimes = {name: TORCH_RUNTIME for name, _ in vlm.stages()}
     if mode == "eager":
@@ -284,9 +286,10 @@ def _graph_break_count() -> int:
 # ---------------------------------------------------------------------------------------- other runtimes
 
 
-def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes: list[str], progress):
+def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes: list[str], options, progress):
     """Each stage prepared in the runtime on the input the runtime's previous stages give it; a stage it refuses
-    (StageFallback) runs in torch eagerly, labelled. Deviations are from the eager reference, along the path."""
+    (StageFallback) runs in torch eagerly, labelled (quantized there, if run.quantize asks). Deviations are from
+    the float eager reference, along the path (so they include a quantization's)."""
     runtime = runtime_class(threads=torch.get_num_threads())
     plain = _static_stages(vlm, ctx, notes)
     reference = _run_stages(plain, ctx)
@@ -304,8 +307,9 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
             entry.deviation_from_eager[name] = _deviation(out, reference[name])
             stages.append((name, stage))
             continue
-        component = getattr(vlm, STAGE_COMPONENT[name])
-        spec = RuntimeStage(name, stage, component, out, eager, static, out_device(out))
+        kind = STAGE_COMPONENT[name]
+        component, scheme = getattr(vlm, kind), getattr(options.quantize, kind, None)
+        spec = RuntimeStage(name, stage, component, out, eager, static, out_device(out), scheme)
         start = time.perf_counter()
         try:
             runner = runtime.prepare(spec)
@@ -313,6 +317,9 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
             result = runner(out)
             entry.stages[name] = entry.runtimes[name] = runtime.name
         except StageFallback as exc:
+            if scheme is not None:
+                quantize(component, scheme)
+                eager = stage(out)
             runner, result = stage, eager
             entry.stages[name], entry.runtimes[name] = "eager", TORCH_RUNTIME
             _fall_back(
@@ -323,7 +330,7 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
         out = result
     notes.extend(runtime.notes)
     entry.ttft = f"the stages called in turn ({runtime.name}, torch for what fell back)"
-    return stages, lambda c: _run_stages(stages, c)["prefill"]
+    return stages, lambda c: _run_stages(stages, c)["prefill"], dict(runtime.weight_bytes)
 
 
 def _passes_on(value: Any, out: Any) -> bool:

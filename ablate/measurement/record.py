@@ -170,6 +170,16 @@ class Fidelity:
 
 
 @dataclass
+class Quantization:
+    """With run.quantize: what was quantized, its stored bytes, and what it changed in the first token."""
+
+    schemes: dict[str, str] | None = doc("the scheme per quantized component (run.quantize)")
+    float_bytes: dict[str, int] | None = doc("per quantized component: its weights' bytes unquantized, as stored")
+    quantized_bytes: dict[str, int] | None = doc("the same as they ran: quantized (by torch or by the runtime)")
+    fidelity: Fidelity | None = doc("first-token agreement and KL against the same model unquantized")
+
+
+@dataclass
 class ModeChoice:
     """How stages run: the execution mode, each component's dtype, the encoder's memory format."""
 
@@ -355,7 +365,7 @@ class Record:
         "the run options as used (ablate.config.run_options.RunOptions; `threads` as torch set them, `dtypes` "
         "resolved per component)",
         metrics=False,
-        columns={"device": "device", "mode": "mode"},
+        columns={"device": "device", "mode": "mode", "runtime": "runtime"},
     )
     env: Environment | None = doc("where it ran", metrics=False)
     config: dict[str, Any] | None = doc("the resolved config, `run:` section included, as asked for", metrics=False)
@@ -366,6 +376,7 @@ class Record:
         metrics=False,
     )
     fidelity: Fidelity | None = doc("with run.fidelity: first-token agreement and KL against no reduction")
+    quantization: Quantization | None = doc("with run.quantize: bytes before and after, fidelity to float")
     execution: Execution = doc("how the timed stages ran", factory=Execution)
     roofline: Roofline = doc("each stage against the device's peak", factory=Roofline)
     profile: Profile | None = doc("with run.profile: the trace and the top kernels per stage", metrics=False)

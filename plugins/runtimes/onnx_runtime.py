@@ -13,8 +13,9 @@ bfloat16), and any stage the exporter or the session refuses.
 
 from __future__ import annotations
 
-import io
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -59,10 +60,12 @@ class OnnxRuntime(Runtime):
         # An output that is an input passed on is not exported: the runner hands the input on.
         passed = {i: next((j for j, t in enumerate(inputs) if t is o), None) for i, o in enumerate(outputs)}
         computed = [i for i, j in passed.items() if j is None]
-        graph = io.BytesIO()
+        # A folder per stage, kept as long as its session: graphs over 2 GB keep their weights in a side file.
+        folder = tempfile.TemporaryDirectory(prefix=f"ablate-onnx-{stage.name}-")
+        graph = Path(folder.name) / f"{stage.name}.onnx"
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the tracer's warnings about constants: our shapes are fixed
+                warnings.simplefilter("ignore")  # the exporter's notices about constants: our shapes are fixed
                 torch.onnx.export(
                     _Flat(stage, computed),
                     tuple(inputs),
@@ -74,6 +77,9 @@ class OnnxRuntime(Runtime):
                 )
         except Exception as exc:  # noqa: BLE001 - any exporter failure: leave the stage to torch, saying why
             raise StageFallback(f"torch.onnx.export failed: {first_line(exc, with_type=True, width=160)}") from None
+        if stage.quantize is not None:
+            graph = self._quantized(graph, stage.quantize)
+        self.weight_bytes[stage.name] = _initializer_bytes(graph)
         options = onnxruntime.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
@@ -81,7 +87,7 @@ class OnnxRuntime(Runtime):
         if stage.device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=providers)
+            session = onnxruntime.InferenceSession(str(graph), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - a graph the session cannot load: torch runs the stage
             raise StageFallback(f"ONNX Runtime cannot load the graph: {first_line(exc, width=160)}") from None
         used = session.get_providers()[0]
@@ -90,7 +96,7 @@ class OnnxRuntime(Runtime):
         feeds = [(node.name, int(node.name[2:])) for node in session.get_inputs()]  # the inputs the graph reads
         template, device = stage.output, stage.device
 
-        def run(value):
+        def run(value, folder=folder):  # the default keeps the folder alive with the session
             flat = tensors_of(value)
             results = session.run(None, {name: flat[i].detach().cpu().numpy() for name, i in feeds})
             out = [None] * len(passed)
@@ -102,6 +108,34 @@ class OnnxRuntime(Runtime):
             return with_tensors(template, out)
 
         return run
+
+    @staticmethod
+    def _quantized(graph: Path, scheme: str) -> Path:
+        """ONNX Runtime's own int8: dynamic quantization of the graph's MatMul weights (activations on the fly)."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        if scheme != "int8-dynamic":
+            raise StageFallback(f"ONNX Runtime has no {scheme} here")
+        target = graph.with_name(f"{graph.stem}-int8.onnx")
+        try:
+            quantize_dynamic(graph, target, weight_type=QuantType.QInt8, use_external_data_format=True)
+        except Exception as exc:  # noqa: BLE001 - a graph its quantizer cannot take: torch quantizes the stage
+            raise StageFallback(f"ONNX Runtime's quantize_dynamic failed: {first_line(exc, width=160)}") from None
+        return target
+
+
+def _initializer_bytes(graph: Path) -> int:
+    """Bytes of the graph's weights (its initializers), wherever they are stored."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
 
 
 @hookimpl
