@@ -13,6 +13,7 @@ bfloat16), and any stage the exporter or the session refuses.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -117,10 +118,13 @@ class OnnxRuntime(Runtime):
         if scheme != "int8-dynamic":
             raise StageFallback(f"ONNX Runtime has no {scheme} here")
         target = graph.with_name(f"{graph.stem}-int8.onnx")
+        logging.disable(logging.WARNING)  # its advice to pre-process the graph, on the root logger, for every stage
         try:
             quantize_dynamic(graph, target, weight_type=QuantType.QInt8, use_external_data_format=True)
         except Exception as exc:  # noqa: BLE001 - a graph its quantizer cannot take: torch quantizes the stage
             raise StageFallback(f"ONNX Runtime's quantize_dynamic failed: {first_line(exc, width=160)}") from None
+        finally:
+            logging.disable(logging.NOTSET)
         return target
 
 
