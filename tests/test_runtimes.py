@@ -3,6 +3,8 @@ runtime defined here, failed by a runtime that freezes its example), and whole r
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import torch
 from test_registry import plugin
@@ -12,6 +14,7 @@ from ablate.api import Runtime, StageFallback, hookimpl, tensors_of, with_tensor
 from ablate.api.errors import ConfigError, UnknownComponentError
 from ablate.api.registry import Registry
 from ablate.api.testing import RuntimeConformance
+from ablate.cli import main
 from ablate_plugins.runtimes.onnx_runtime import OnnxRuntime
 
 FAST = dict(repeats=1, warmup=0)
@@ -30,13 +33,15 @@ class Flat(torch.nn.Module):
 
 
 class ExportRuntime(Runtime):
-    """torch.export: each stage exported to an ExportedProgram on its input's tensors (a third-party runtime)."""
+    """torch.export: each stage exported to an ExportedProgram (a third-party runtime, CONTRIBUTING's example)."""
 
     name = "torch-export"
 
     def prepare(self, stage):
         if not stage.static:
             raise StageFallback("its token count depends on the image")
+        if stage.quantize:
+            raise StageFallback(f"no {stage.quantize} in torch.export")
         program = torch.export.export(Flat(stage), tuple(tensors_of(stage.example))).module()
         return lambda value: with_tensors(stage.output, list(program(*tensors_of(value))))
 
@@ -198,3 +203,16 @@ def test_int8_dynamic_in_onnx_runtime_is_its_own_and_stays_within_the_stated_bou
     assert quantization["fidelity"]["top1_agreement"] is not None
     deviations = record["execution"]["deviation_from_eager"]
     assert 0 < deviations["prefill"] <= INT8_DEVIATION, deviations  # against float eager: the int8 error shows
+
+
+@needs_onnx
+def test_a_grid_over_runtime_and_reducer_stores_and_plots(tmp_path):
+    db, out = tmp_path / "r.db", tmp_path / "plots"
+    sweep = ["run.runtime=torch,onnxruntime", "reducer=none,prumerge"]
+    assert main(["grid", "tiny", *sweep, "--db", str(db), "--repeats", "1", "--warmup", "0"]) == 0
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute("SELECT runtime, status FROM cells").fetchall()
+    assert sorted(rows) == [("onnxruntime", "ok")] * 2 + [("torch", "ok")] * 2
+    assert main(["plot", "--db", str(db), "--out", str(out)]) == 0
+    html = (out / "ttft_vs_tokens.html").read_text()
+    assert "onnxruntime" in html and "prumerge" in html  # the cells' labels name both axes
