@@ -17,6 +17,10 @@ deviation from it (accumulated along the path, as TTFT sees it), so a mode that 
 much. On a GPU the eager stages are also timed, so that a launch-bound stage (eager far slower than its graph) is
 flagged in the roofline block.
 
+These are the modes of the `torch` runtime, ablate's own. Under another runtime (`run.runtime`, a plugin's
+`ablate.api.Runtime`) each stage is handed to it instead, on the input its previous stages gave; a stage it refuses
+(StageFallback) runs here eagerly, labelled, and every stage's deviation from the float eager pass is recorded.
+
 What ran is the record's `execution` block (`ablate.measurement.record.Execution`, each field described there).
 
 torch.compile starts afresh in every compile-mode run (torch._dynamo.reset), which drops any other compiled code
