@@ -87,7 +87,15 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     },
     **{
         name: ("runtimes", name)
-        for name in ("TORCH_RUNTIME", "Runtime", "RuntimeStage", "StageFallback", "tensors_of", "with_tensors")
+        for name in (
+            "TORCH_RUNTIME",
+            "FlatStage",
+            "Runtime",
+            "RuntimeStage",
+            "StageFallback",
+            "tensors_of",
+            "with_tensors",
+        )
     },
     "component_class": ("registry", "component_class"),
     "component_config": ("registry", "component_config"),

@@ -35,6 +35,7 @@ import dataclasses
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -100,6 +101,7 @@ class Runtime:
         self.threads = threads  # the CPU threads torch runs with: a runtime with its own pool should use as many
         self.notes: list[str] = []  # sentences for the record's notes (what the runtime chose, e.g. its provider)
         self.weight_bytes: dict[str, int] = {}  # stage name -> bytes of its weights as the runtime holds them
+        self.files: dict[str, Path] = {}  # stage name -> the file it was loaded from (what `ablate export` copies)
 
     def prepare(self, stage: RuntimeStage) -> Callable[[Any], Any]:
         """A callable that runs `stage` here: takes an input like `stage.example`, returns an output like
@@ -152,3 +154,32 @@ def with_tensors(template: Any, tensors: list[torch.Tensor]) -> Any:
     if leftover is not None:
         raise ValueError("more tensors than the template holds")
     return replace(template, **changes)
+
+
+class FlatStage(nn.Module):
+    """A stage as a function of plain tensors, what a graph exporter takes (torch.onnx.export, openvino).
+
+    `inputs` are the example's tensors (`tensors_of` order); `forward(*inputs)` returns the output tensors the stage
+    computes, leaving out those it only passes on (the prompt ids through the encoder: a graph would copy them), and
+    `rebuild(value, results)` makes the stage's output from an input value and a graph's results, handing on what
+    was passed on.
+    """
+
+    def __init__(self, stage: RuntimeStage):
+        super().__init__()
+        self.module = stage.module  # its weights belong to the exported graph
+        self.stage = stage
+        self.inputs = tensors_of(stage.example)
+        outputs = tensors_of(stage.output)
+        self.passed = [next((j for j, t in enumerate(self.inputs) if t is o), None) for o in outputs]
+        self.computed = [i for i, j in enumerate(self.passed) if j is None]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = tensors_of(self.stage.run(with_tensors(self.stage.example, list(tensors))))
+        return tuple(out[i] for i in self.computed)
+
+    def rebuild(self, value: Any, results: list[torch.Tensor]) -> Any:
+        given = tensors_of(value)
+        supply = iter(results)
+        out = [next(supply) if j is None else given[j] for j in self.passed]
+        return with_tensors(self.stage.output, out)

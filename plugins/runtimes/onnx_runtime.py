@@ -2,9 +2,9 @@
 run's own shapes and run in an InferenceSession (CPU provider; CUDA when the device is a GPU and the installed
 onnxruntime has it).
 
-A stage is a function of a StageContext; the exported graph is a function of its tensors (`tensors_of`), and the
-runner puts the session's outputs back where the eager output had them (`with_tensors`). Tensors a stage only passes
-on (the prompt ids through the encoder) are not exported: the runner hands the input on, as eager does.
+A stage is a function of a StageContext; the exported graph is a function of its tensors (`FlatStage`), and the
+runner puts the session's outputs back where the eager output had them. Tensors a stage only passes on (the prompt
+ids through the encoder) are not exported: the runner hands the input on, as eager does.
 
 Falls back to torch, saying why: a stage whose token count depends on the image (an exported graph fixes every
 shape, so it would keep this image's count for every image), a bfloat16 stage (numpy, the sessions' input, has no
@@ -19,24 +19,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ablate.api import Runtime, RuntimeStage, StageFallback, first_line, hookimpl, tensors_of, with_tensors
+from ablate.api import FlatStage, Runtime, RuntimeStage, StageFallback, first_line, hookimpl, tensors_of
 
 EXPORTABLE = (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool)
-
-
-class _Flat(nn.Module):
-    """The stage as a function of its input's tensors, returning the output tensors it computes."""
-
-    def __init__(self, stage: RuntimeStage, computed: list[int]):
-        super().__init__()
-        self.module = stage.module  # its weights become the graph's initializers
-        self.stage, self.computed = stage, computed
-
-    def forward(self, *tensors):
-        out = tensors_of(self.stage.run(with_tensors(self.stage.example, list(tensors))))
-        return tuple(out[i] for i in self.computed)
 
 
 class OnnxRuntime(Runtime):
@@ -53,14 +39,12 @@ class OnnxRuntime(Runtime):
             raise StageFallback(
                 "its token count depends on the image, and an exported graph fixes every shape to this image's"
             )
-        inputs, outputs = tensors_of(stage.example), tensors_of(stage.output)
-        odd = sorted({str(t.dtype).removeprefix("torch.") for t in inputs + outputs if t.dtype not in EXPORTABLE})
-        odd += sorted({str(p.dtype).removeprefix("torch.") for p in stage.module.parameters()} - {"float32"})
+        flat = FlatStage(stage)
+        tensors = flat.inputs + tensors_of(stage.output)
+        odd = {str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype not in EXPORTABLE}
+        odd |= {str(p.dtype).removeprefix("torch.") for p in stage.module.parameters()} - {"float32"}
         if odd:
-            raise StageFallback(f"its tensors are {', '.join(sorted(set(odd)))}, and ONNX Runtime runs float32 here")
-        # An output that is an input passed on is not exported: the runner hands the input on.
-        passed = {i: next((j for j, t in enumerate(inputs) if t is o), None) for i, o in enumerate(outputs)}
-        computed = [i for i, j in passed.items() if j is None]
+            raise StageFallback(f"its tensors are {', '.join(sorted(odd))}, and ONNX Runtime runs float32 here")
         # A folder per stage, kept as long as its session: graphs over 2 GB keep their weights in a side file.
         folder = tempfile.TemporaryDirectory(prefix=f"ablate-onnx-{stage.name}-")
         graph = Path(folder.name) / f"{stage.name}.onnx"
@@ -68,11 +52,11 @@ class OnnxRuntime(Runtime):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the exporter's notices about constants: our shapes are fixed
                 torch.onnx.export(
-                    _Flat(stage, computed),
-                    tuple(inputs),
+                    flat,
+                    tuple(flat.inputs),
                     graph,
-                    input_names=[f"in{i}" for i in range(len(inputs))],
-                    output_names=[f"out{i}" for i in computed],
+                    input_names=[f"in{i}" for i in range(len(flat.inputs))],
+                    output_names=[f"out{i}" for i in flat.computed],
                     dynamo=True,
                     verbose=False,
                 )
@@ -95,18 +79,13 @@ class OnnxRuntime(Runtime):
         if self.notes == []:
             self.notes.append(f"runtime onnxruntime {onnxruntime.__version__}: {used}, {self.threads} threads.")
         feeds = [(node.name, int(node.name[2:])) for node in session.get_inputs()]  # the inputs the graph reads
-        template, device = stage.output, stage.device
+        self.files[stage.name] = graph
+        device = stage.device
 
         def run(value, folder=folder):  # the default keeps the folder alive with the session
-            flat = tensors_of(value)
-            results = session.run(None, {name: flat[i].detach().cpu().numpy() for name, i in feeds})
-            out = [None] * len(passed)
-            for i, result in zip(computed, results):
-                out[i] = torch.from_numpy(result).to(device)
-            for i, j in passed.items():
-                if j is not None:
-                    out[i] = flat[j]
-            return with_tensors(template, out)
+            given = tensors_of(value)
+            results = session.run(None, {name: given[i].detach().cpu().numpy() for name, i in feeds})
+            return flat.rebuild(value, [torch.from_numpy(result).to(device) for result in results])
 
         return run
 
