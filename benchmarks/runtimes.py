@@ -21,6 +21,7 @@ VARIANTS = [  # (label, runtime, overrides)
     ("torch eager int8-dynamic", "torch", QUANTIZED),
     ("onnxruntime float32", "onnxruntime", []),
     ("onnxruntime int8-dynamic", "onnxruntime", QUANTIZED),
+    ("openvino float32", "openvino", []),
 ]
 
 

@@ -16,11 +16,15 @@ from ablate.api.registry import Registry
 from ablate.api.testing import RuntimeConformance
 from ablate.cli import main
 from ablate_plugins.runtimes.onnx_runtime import OnnxRuntime
+from ablate_plugins.runtimes.openvino_runtime import OpenVinoRuntime
 
 FAST = dict(repeats=1, warmup=0)
 STAGES = ("encoder", "reducer", "connector", "prefill")
 HAS_ONNX = not OnnxRuntime.missing()
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="needs the onnx extra: pip install 'ablate-vlm[onnx]'")
+needs_openvino = pytest.mark.skipif(
+    bool(OpenVinoRuntime.missing()), reason="needs the openvino extra: pip install 'ablate-vlm[openvino]'"
+)
 
 
 class Flat(torch.nn.Module):
@@ -58,6 +62,11 @@ class FrozenRuntime(Runtime):
 @needs_onnx
 class TestOnnxRuntime(RuntimeConformance):
     runtime = OnnxRuntime
+
+
+@needs_openvino
+class TestOpenVinoRuntime(RuntimeConformance):
+    runtime = OpenVinoRuntime
 
 
 class TestExportRuntime(RuntimeConformance):
@@ -143,6 +152,21 @@ def test_tiny_runs_in_onnx_runtime_within_1e4_of_eager():
     assert set(deviations) == set(STAGES) and all(0 <= value <= 1e-4 for value in deviations.values()), deviations
     assert all(seconds > 0 for seconds in execution["prepare_s"].values())
     assert any(note.startswith("runtime onnxruntime") for note in record["notes"])
+
+
+@needs_openvino
+def test_tiny_runs_in_openvino_and_the_prefill_falls_back_labelled():
+    """OpenVINO's converter cannot take the decoder's KV-cache writes (a concatenation onto an empty cache)."""
+    execution = ablate.measure("tiny", runtime="openvino", **FAST).to_dict()["execution"]
+    assert execution["runtimes"] == {
+        "encoder": "openvino",
+        "reducer": "no-op",
+        "connector": "openvino",
+        "prefill": "torch",
+    }
+    (fallback,) = execution["fallbacks"]
+    assert fallback.startswith("the prefill stage does not run in openvino (openvino.convert_model failed:")
+    assert all(value <= 1e-4 for value in execution["deviation_from_eager"].values())
 
 
 @needs_onnx
