@@ -93,6 +93,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
             "Runtime",
             "RuntimeStage",
             "StageFallback",
+            "tensor_names",
             "tensors_of",
             "with_tensors",
         )

@@ -102,6 +102,8 @@ class Runtime:
         self.notes: list[str] = []  # sentences for the record's notes (what the runtime chose, e.g. its provider)
         self.weight_bytes: dict[str, int] = {}  # stage name -> bytes of its weights as the runtime holds them
         self.files: dict[str, Path] = {}  # stage name -> the file it was loaded from (what `ablate export` copies)
+        # stage name -> the names (`tensor_names`) of the tensors that file reads and writes, for the export manifest
+        self.graph_io: dict[str, tuple[list[str], list[str]]] = {}
 
     def prepare(self, stage: RuntimeStage) -> Callable[[Any], Any]:
         """A callable that runs `stage` here: takes an input like `stage.example`, returns an output like
@@ -129,6 +131,25 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
                 found.append(item)
         return found
     return []
+
+
+def tensor_names(value: Any) -> list[str]:
+    """Names of `tensors_of(value)`, in the same order: the StageContext field (`attention.queries`, `extras.KEY`),
+    or `logits` for a plain tensor (the prefill's output). A graph's inputs and outputs are named so."""
+    if isinstance(value, torch.Tensor):
+        return ["logits"]
+    if not isinstance(value, StageContext):
+        return []
+    names = []
+    for f in dataclasses.fields(value):
+        item = getattr(value, f.name)
+        if isinstance(item, Attention):
+            names += [f"{f.name}.queries", f"{f.name}.keys"]
+        elif isinstance(item, dict):
+            names += [f"{f.name}.{k}" for k, v in sorted(item.items()) if isinstance(v, torch.Tensor)]
+        elif isinstance(item, torch.Tensor):
+            names.append(f.name)
+    return names
 
 
 def with_tensors(template: Any, tensors: list[torch.Tensor]) -> Any:
@@ -159,10 +180,10 @@ def with_tensors(template: Any, tensors: list[torch.Tensor]) -> Any:
 class FlatStage(nn.Module):
     """A stage as a function of plain tensors, what a graph exporter takes (torch.onnx.export, openvino).
 
-    `inputs` are the example's tensors (`tensors_of` order); `forward(*inputs)` returns the output tensors the stage
-    computes, leaving out those it only passes on (the prompt ids through the encoder: a graph would copy them), and
-    `rebuild(value, results)` makes the stage's output from an input value and a graph's results, handing on what
-    was passed on.
+    `inputs` are the example's tensors (`tensors_of` order, named `input_names`); `forward(*inputs)` returns the
+    output tensors the stage computes (named `output_names`), leaving out those it only passes on (the prompt ids
+    through the encoder: a graph would copy them); `rebuild(value, results)` makes the stage's output from an input
+    value and a graph's results, handing on what was passed on.
     """
 
     def __init__(self, stage: RuntimeStage):
@@ -170,9 +191,13 @@ class FlatStage(nn.Module):
         self.module = stage.module  # its weights belong to the exported graph
         self.stage = stage
         self.inputs = tensors_of(stage.example)
+        self.input_names = tensor_names(stage.example)
         outputs = tensors_of(stage.output)
         self.passed = [next((j for j, t in enumerate(self.inputs) if t is o), None) for o in outputs]
         self.computed = [i for i, j in enumerate(self.passed) if j is None]
+        # A graph's names are unique: an output named like an input (the tokens a connector maps) gets `_out`.
+        names = [tensor_names(stage.output)[i] for i in self.computed]
+        self.output_names = [f"{name}_out" if name in self.input_names else name for name in names]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = tensors_of(self.stage.run(with_tensors(self.stage.example, list(tensors))))

@@ -82,6 +82,8 @@ class RunOptions:
     image: str | None = None  # a real image file; None: a synthetic image of the encoder's input size
     seed: int = 0  # random weights, the synthetic image and the prompt
     fidelity: bool = False  # also compare first-token logits with the model without its reducer (record["fidelity"])
+    # A folder for the prepared stages' files and a manifest (`ablate export`): a runtime's graphs to carry elsewhere.
+    export: str | None = None
 
     def dtype_of(self, kind: str) -> torch.dtype:
         return DTYPES[getattr(self.dtypes, kind) or self.dtype]
@@ -151,6 +153,13 @@ class RunOptions:
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"run.seed (--seed) must be between 0 and {MAX_SEED}, not {self.seed}.")
+        if self.export is not None and self.runtime == TORCH_RUNTIME:
+            raise ConfigError(
+                f"run.export writes the files a runtime prepared, and the {TORCH_RUNTIME} runtime prepares none: name "
+                f"one that does (run.runtime, --runtime; `ablate plugins` lists them)."
+            )
+        if self.export is not None and self.count_only:
+            raise ConfigError("run.export (ablate export) writes prepared stages: drop --count-only (run.count_only).")
         if self.profile is not None and self.count_only:
             raise ConfigError("run.profile (--profile) profiles a timed run: drop --count-only (run.count_only).")
         device = parse_device(self.device)

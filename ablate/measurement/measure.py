@@ -32,6 +32,7 @@ from ablate.measurement.counting import (
     token_summary,
     with_total,
 )
+from ablate.measurement.export import write_export
 from ablate.measurement.fidelity import first_token_fidelity
 from ablate.measurement.machine import check_machine, environment, peak_memory
 from ablate.measurement.modes import prepare, requested
@@ -222,6 +223,9 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         record.notes += prepared.notes
         if schemes:
             record.quantization = _quantization(vlm, prepared, schemes, float_logits, float_bytes)
+        if options.export:
+            where["stage"] = "exporting the prepared stages"
+            record.notes.append(write_export(options.export, record, prepared))
 
         where["stage"] = "timing"
         timer = where["timer"] = StageTimer(device)

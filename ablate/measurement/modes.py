@@ -40,7 +40,7 @@ import torch
 from ablate.api.components import StageContext
 from ablate.api.errors import first_line
 from ablate.api.hooks import KINDS
-from ablate.api.runtimes import TORCH_RUNTIME, Runtime, RuntimeStage, StageFallback, tensors_of
+from ablate.api.runtimes import TORCH_RUNTIME, Runtime, RuntimeStage, StageFallback, tensor_names, tensors_of
 from ablate.config.run_options import RunOptions
 from ablate.measurement.machine import cpu_features
 from ablate.measurement.quantization import quantize
@@ -61,6 +61,8 @@ class Prepared:
     entry: Execution  # the record's execution block
     notes: list[str] = field(default_factory=list)
     weight_bytes: dict[str, int] = field(default_factory=dict)  # stage -> its weights' bytes, as a runtime held them
+    files: dict[str, Any] = field(default_factory=dict)  # stage -> the file a runtime loaded it from (Path)
+    signatures: dict[str, Any] = field(default_factory=dict)  # stage -> its tensors: name, shape, dtype (tensor_specs)
 
 
 def prepare(
@@ -99,12 +101,12 @@ def prepare(
     if runtime is not None:
         start = time.perf_counter()
         with torch.inference_mode():
-            stages, ttft, held = _in_runtime(runtime, vlm, ctx, entry, notes, options, progress)
+            stages, ttft, used, signatures = _in_runtime(runtime, vlm, ctx, entry, notes, options, progress)
         entry.setup_s = time.perf_counter() - start
         ran = set(entry.runtimes.values()) - {"no-op"}
         entry.used.runtime = runtime.name if ran <= {runtime.name} else "mixed"
         entry.used.mode = "eager" if TORCH_RUNTIME in ran else None
-        return Prepared(stages, ttft, ctx, entry, notes, held)
+        return Prepared(stages, ttft, ctx, entry, notes, dict(used.weight_bytes), dict(used.files), signatures)
     entry.used.runtime = TORCH_RUNTIME
     entry.runtimes = {name: TORCH_RUNTIME for name, _ in vlm.stages()}
     if mode == "eager":
@@ -295,6 +297,7 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
     (StageFallback) runs in torch eagerly, labelled (quantized there, if run.quantize asks). Deviations are from
     the float eager reference, along the path (so they include a quantization's)."""
     runtime = runtime_class(threads=torch.get_num_threads())
+    signatures = {}
     plain = _static_stages(vlm, ctx, notes)
     reference = _run_stages(plain, ctx)
     layouts = vlm.declared_layouts()
@@ -314,6 +317,7 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
         kind = STAGE_COMPONENT[name]
         component, scheme = getattr(vlm, kind), getattr(options.quantize, kind, None)
         spec = RuntimeStage(name, stage, component, out, eager, static, out_device(out), scheme)
+        signatures[name] = {"inputs": tensor_specs(out), "outputs": tensor_specs(eager)}
         start = time.perf_counter()
         try:
             runner = runtime.prepare(spec)
@@ -334,7 +338,22 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
         out = result
     notes.extend(runtime.notes)
     entry.ttft = f"the stages called in turn ({runtime.name}, torch for what fell back)"
-    return stages, lambda c: _run_stages(stages, c)["prefill"], dict(runtime.weight_bytes)
+    for name, (inputs, outputs) in runtime.graph_io.items():  # what the runtime's graph reads and writes
+        given = {spec["name"]: spec for spec in signatures[name]["inputs"]}
+        made = {spec["name"]: spec for spec in signatures[name]["outputs"]}
+        signatures[name] = {
+            "inputs": [given[n] for n in inputs],
+            "outputs": [{**made[n.removesuffix("_out")], "name": n} for n in outputs],
+        }
+    return stages, lambda c: _run_stages(stages, c)["prefill"], runtime, signatures
+
+
+def tensor_specs(value: Any) -> list[dict[str, Any]]:
+    """Name, shape and dtype of each of a stage input's or output's tensors (the export manifest's signature)."""
+    return [
+        {"name": name, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        for name, t in zip(tensor_names(value), tensors_of(value))
+    ]
 
 
 def _passes_on(value: Any, out: Any) -> bool:

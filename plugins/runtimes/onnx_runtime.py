@@ -55,8 +55,8 @@ class OnnxRuntime(Runtime):
                     flat,
                     tuple(flat.inputs),
                     graph,
-                    input_names=[f"in{i}" for i in range(len(flat.inputs))],
-                    output_names=[f"out{i}" for i in flat.computed],
+                    input_names=flat.input_names,
+                    output_names=flat.output_names,
                     dynamo=True,
                     verbose=False,
                 )
@@ -78,8 +78,10 @@ class OnnxRuntime(Runtime):
         used = session.get_providers()[0]
         if self.notes == []:
             self.notes.append(f"runtime onnxruntime {onnxruntime.__version__}: {used}, {self.threads} threads.")
-        feeds = [(node.name, int(node.name[2:])) for node in session.get_inputs()]  # the inputs the graph reads
+        index = {name: i for i, name in enumerate(flat.input_names)}
+        feeds = [(node.name, index[node.name]) for node in session.get_inputs()]  # the inputs the graph reads
         self.files[stage.name] = graph
+        self.graph_io[stage.name] = ([name for name, _ in feeds], flat.output_names)
         device = stage.device
 
         def run(value, folder=folder):  # the default keeps the folder alive with the session
