@@ -240,3 +240,37 @@ def test_a_grid_over_runtime_and_reducer_stores_and_plots(tmp_path):
     assert main(["plot", "--db", str(db), "--out", str(out)]) == 0
     html = (out / "ttft_vs_tokens.html").read_text()
     assert "onnxruntime" in html and "prumerge" in html  # the cells' labels name both axes
+
+
+# ------------------------------------------------------------------------------------------------ ablate export
+
+
+@needs_onnx
+def test_export_writes_files_a_hand_written_onnx_runtime_pipeline_reproduces(tmp_path, capsys):
+    """The exported graphs, loaded by onnxruntime alone and chained by the manifest's names, give example.npz's
+    logits: what a user on another machine does."""
+    import json
+
+    import numpy as np
+    import onnxruntime
+
+    folder = tmp_path / "export"
+    assert main(["export", "tiny", "--runtime", "onnxruntime", "--out", str(folder)]) == 0
+    assert "exported 3 of 4 stages" in capsys.readouterr().out
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"]] == list(STAGES) and manifest["runtime"] == "onnxruntime"
+    example = np.load(folder / "example.npz")
+    values = {"pixel_values": example["pixel_values"], "input_ids": example["input_ids"]}
+    for stage in manifest["stages"]:
+        if stage["runtime"] == "no-op":
+            continue
+        assert all((folder / name).is_file() for name in stage["files"])
+        session = onnxruntime.InferenceSession(str(folder / stage["file"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [i["name"] for i in stage["inputs"]]
+        outputs = [o["name"] for o in stage["outputs"]]
+        results = session.run(outputs, {i["name"]: values[i["name"]] for i in stage["inputs"]})
+        for spec, result in zip(stage["outputs"], results):
+            assert list(result.shape) == spec["shape"]
+            values[spec["name"].removesuffix("_out")] = result
+    logits = example["logits"]
+    assert np.abs(values["logits"] - logits).max() <= 1e-4 * np.abs(logits).max()
