@@ -15,7 +15,9 @@ dtype moves and meta-device builds work, gradients flow, rows of a batch do not 
 metadata that `ablate list` shows is present. The same classes run over every registered component in ablate's
 own test suite, so a built-in and a third-party plugin are held to the same bar.
 
-Knobs every suite has (class attributes): `component`, `config_overrides`, `real_forward` (False: only
+`RuntimeConformance` does the same for a runtime plugin (`runtime = MyRuntime`) on small real stages; see it.
+
+Knobs every component suite has (class attributes): `component`, `config_overrides`, `real_forward` (False: only
 shape checks on the meta device, for components too big for a unit test), `atol`/`rtol` (batch independence),
 `dtype_tolerance` (float64 vs float32), `every_parameter_gets_grad`, `check_registration`. For anything a
 dict cannot express, override the classmethod `make_component(**changes)`.
