@@ -22,6 +22,7 @@ VARIANTS = [  # (label, runtime, overrides)
     ("onnxruntime float32", "onnxruntime", []),
     ("onnxruntime int8-dynamic", "onnxruntime", QUANTIZED),
     ("openvino float32", "openvino", []),
+    ("executorch float32", "executorch", []),
 ]
 
 

@@ -15,6 +15,7 @@ from ablate.api.errors import ConfigError, UnknownComponentError
 from ablate.api.registry import Registry
 from ablate.api.testing import RuntimeConformance
 from ablate.cli import main
+from ablate_plugins.runtimes.executorch_runtime import ExecuTorchRuntime
 from ablate_plugins.runtimes.onnx_runtime import OnnxRuntime
 from ablate_plugins.runtimes.openvino_runtime import OpenVinoRuntime
 
@@ -22,6 +23,9 @@ FAST = dict(repeats=1, warmup=0)
 STAGES = ("encoder", "reducer", "connector", "prefill")
 HAS_ONNX = not OnnxRuntime.missing()
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="needs the onnx extra: pip install 'ablate-vlm[onnx]'")
+needs_executorch = pytest.mark.skipif(
+    bool(ExecuTorchRuntime.missing()), reason="needs the executorch extra: pip install 'ablate-vlm[executorch]'"
+)
 needs_openvino = pytest.mark.skipif(
     bool(OpenVinoRuntime.missing()), reason="needs the openvino extra: pip install 'ablate-vlm[openvino]'"
 )
@@ -67,6 +71,11 @@ class TestOnnxRuntime(RuntimeConformance):
 @needs_openvino
 class TestOpenVinoRuntime(RuntimeConformance):
     runtime = OpenVinoRuntime
+
+
+@needs_executorch
+class TestExecuTorchRuntime(RuntimeConformance):
+    runtime = ExecuTorchRuntime
 
 
 class TestExportRuntime(RuntimeConformance):
@@ -167,6 +176,20 @@ def test_tiny_runs_in_openvino_and_the_prefill_falls_back_labelled():
     (fallback,) = execution["fallbacks"]
     assert fallback.startswith("the prefill stage does not run in openvino (openvino.convert_model failed:")
     assert all(value <= 1e-4 for value in execution["deviation_from_eager"].values())
+
+
+@needs_executorch
+def test_tiny_runs_in_executorch_with_xnnpack_within_1e4_of_eager():
+    record = ablate.measure("tiny", runtime="executorch", **FAST).to_dict()
+    execution = record["execution"]
+    assert execution["runtimes"] == {
+        "encoder": "executorch",
+        "reducer": "no-op",
+        "connector": "executorch",
+        "prefill": "executorch",
+    }
+    assert execution["fallbacks"] == [] and all(v <= 1e-4 for v in execution["deviation_from_eager"].values())
+    assert any("XNNPACK" in note for note in record["notes"])
 
 
 @needs_onnx
