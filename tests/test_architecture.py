@@ -206,15 +206,16 @@ HOMONYMS = {
 
 
 def test_core_names_no_builtin_component():
-    """No string in ablate/ is the name of a built-in component or checkpoint format (plugins own their names)."""
+    """No string in ablate/ is the name of a built-in component, checkpoint format or runtime (plugins own their
+    names; `torch`, the core's own runtime, is no plugin's)."""
     registry = get_registry()
     builtin = {
         name
-        for kind in (*KINDS, "checkpoint_format")
+        for kind in (*KINDS, "checkpoint_format", "runtime")
         for name in registry.names(kind)
         if registry.plugins[registry.owner[(kind, name)]].builtin
     }
-    assert {"fastvithd", "timm", "mlp2x_gelu", "hf-causal-lm", "fast-vlm-hf", "none"} <= builtin
+    assert {"fastvithd", "timm", "mlp2x_gelu", "hf-causal-lm", "fast-vlm-hf", "none", "onnxruntime"} <= builtin
     found = {}
     for module, source in tree_sources().items():
         if module.split(".")[0] != "ablate":

@@ -80,6 +80,12 @@ BAD_INPUT = [
     (["run", "tiny", "--dtype", "float16"], 2, "float16 is for GPUs"),
     (["run", "tiny", "--mode", "turbo"], 2, "Unknown mode 'turbo'"),
     (["run", "tiny", "--memory-format", "nhwc"], 2, "Unknown memory format 'nhwc'"),
+    (["run", "tiny", "run.runtime=onnxrt"], 2, "Unknown runtime 'onnxrt' (config key 'run.runtime'). Did you mean"),
+    (["run", "tiny", "run.runtime=onnxruntime", "--mode", "compile"], 2, "is a mode of the torch runtime"),
+    (["run", "tiny", "run.quantize.decoder=int3"], 2, "Unknown quantization 'int3' (run.quantize.decoder)"),
+    (["export", "tiny", "--out", "{root}/new"], 2, "the torch runtime prepares none: name one that does"),
+    (["export", "tiny", "--runtime", "onnxruntime", "--out", "{root}"], 2, "is not empty: give a new or empty folder"),
+    (["export", "tiny", "--runtime", "onnxruntime"], 2, "the following arguments are required: --out"),
     (["run", "tiny", "run.peak.tflops=-1"], 2, "run.peak.tflops must be a positive number"),
     (["run", "tiny", "run.peak.bandwidth_gbs=.inf"], 2, "run.peak.bandwidth_gbs must be a positive number"),
     (["run", "tiny", "--profile", "--count-only"], 2, "profiles a timed run: drop --count-only"),
@@ -345,6 +351,16 @@ def test_bad_input_table(args, code, phrase, files, capsys):
         assert record["error"]["type"] and phrase in record["error"]["message"]
     else:
         assert captured.out == ""
+
+
+def test_a_runtime_whose_extra_is_missing_names_the_extra(capsys, monkeypatch):
+    """Without onnxruntime installed (an import of it fails, as it does then), the run stops before building."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["run", "tiny", "run.runtime=onnxruntime", "--json"]) == 2
+    captured = capsys.readouterr()
+    _check_paragraph(captured.err, "pip install 'ablate-vlm[onnx]'")
+    record = json.loads(captured.out)
+    assert set(record) == set(Record().to_dict()) and "needs onnxruntime" in record["error"]["message"]
 
 
 def test_the_same_table_without_json_prints_nothing_on_stdout(files, capsys):

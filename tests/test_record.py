@@ -69,6 +69,7 @@ def test_the_store_indexes_the_columns_the_definition_names(tmp_path, timed):
         "ttft_ms": "latency_ms.ttft",
         "device": "run.device",
         "mode": "run.mode",
+        "runtime": "run.runtime",
         "error_type": "error.type",
     }
     with Store(tmp_path / "s.db") as store:

@@ -3,10 +3,11 @@
     from ablate.api import EncoderConfig, StageContext, TokenLayout, VisionEncoder, hookimpl
 
 A plugin implements a hook (`hookimpl`) that registers component classes (encoders, reducers, connectors,
-decoders) or checkpoint formats, built on the base classes here. The shared machinery it may use: errors that the
-CLI turns into one-paragraph messages, strict weight loading from local files, image preprocessing, the token
-scores and index helpers of reducers, and lookups of other registered components (for composite ones, like AnyRes
-around a tile encoder). Conformance suites for a plugin's own tests are in `ablate.api.testing` (needs pytest).
+decoders), checkpoint formats or runtimes (where the timed stages run), built on the base classes here. The shared
+machinery it may use: errors that the CLI turns into one-paragraph messages, strict weight loading from local
+files, image preprocessing, the token scores and index helpers of reducers, and lookups of other registered
+components (for composite ones, like AnyRes around a tile encoder). Conformance suites for a plugin's own tests
+are in `ablate.api.testing` (needs pytest).
 
 The names exported here (`__all__`) and the behaviour their docstrings describe are what stays stable between
 minor versions; CONTRIBUTING.md ("The public plugin API and its stability") states the promise. Anything not
@@ -83,6 +84,19 @@ _EXPORTS: dict[str, tuple[str, str]] = {
             "positions_of",
             "take_tokens",
             "token_scores",
+        )
+    },
+    **{
+        name: ("runtimes", name)
+        for name in (
+            "TORCH_RUNTIME",
+            "FlatStage",
+            "Runtime",
+            "RuntimeStage",
+            "StageFallback",
+            "tensor_names",
+            "tensors_of",
+            "with_tensors",
         )
     },
     "component_class": ("registry", "component_class"),

@@ -47,6 +47,11 @@ def register_checkpoint_formats(register):
 
 
 @hookspec
+def register_runtimes(register):
+    """Register Runtime subclasses (where the timed stages run, `run.runtime`): call register(cls) for each."""
+
+
+@hookspec
 def register_preset_folders(register):
     """Register folders of preset YAML files (`ablate run NAME` finds NAME.yaml there): call register(path)."""
 
@@ -59,5 +64,6 @@ KINDS = ("encoder", "reducer", "connector", "decoder")
 HOOKS = {
     **dict(zip(KINDS, ("register_encoders", "register_reducers", "register_connectors", "register_decoders"))),
     "checkpoint_format": "register_checkpoint_formats",
+    "runtime": "register_runtimes",
     "preset_folder": "register_preset_folders",
 }

@@ -41,7 +41,11 @@ from ablate.api.errors import (
     unexpected,
 )
 from ablate.api.hooks import KINDS
+from ablate.api.runtimes import TORCH_RUNTIME, Runtime
 from ablate.version import DISTRIBUTION
+
+# What each kind of registered class must subclass.
+BASES: dict[str, type] = {**COMPONENT_BASES, "runtime": Runtime}
 
 
 @dataclass
@@ -61,7 +65,7 @@ class Registry:
     """Components by kind and name, checkpoint formats, preset folders, and the plugins that provided them."""
 
     def __init__(self):
-        self.components: dict[str, dict[str, type]] = {kind: {} for kind in COMPONENT_BASES}
+        self.components: dict[str, dict[str, type]] = {kind: {} for kind in BASES}
         self.preset_folders: list[tuple[str, Path]] = []  # (plugin name, folder)
         self.owner: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin name
         self.plugins: dict[str, PluginInfo] = {}
@@ -131,12 +135,14 @@ class Registry:
             self.preset_folders.append((info.name, folder))
             info.components.append((kind, str(folder)))
             return
-        base = COMPONENT_BASES[kind]
+        base = BASES[kind]
         if not (isinstance(thing, type) and issubclass(thing, base)):
             raise TypeError(f"{thing!r} is not a subclass of ablate.api.{base.__name__}")
         name = getattr(thing, "name", None)
         if not isinstance(name, str) or not name:
             raise TypeError(f"{thing.__name__} has no `name` class attribute")
+        if kind == "runtime" and name == TORCH_RUNTIME:
+            raise ValueError(f"runtime '{name}' is ablate's own (PyTorch, the reference); pick another name")
         if kind in KINDS:
             if not dataclasses.is_dataclass(thing.Config):
                 raise TypeError(f"{thing.__name__}.Config must be a dataclass")
@@ -191,6 +197,18 @@ class Registry:
             f"Unknown {kind} '{name}'{where}.{hint} Available {kind}s: {available}. "
             f"Run `ablate {listing}` for descriptions and options.{self.broken_note()}"
         )
+
+    def runtime(self, name: str) -> type[Runtime] | None:
+        """The runtime class registered as `name` (run.runtime); None for ablate's own, torch."""
+        if name == TORCH_RUNTIME:
+            return None
+        names = [TORCH_RUNTIME, *self.names("runtime")]
+        if name not in self.components["runtime"]:
+            raise UnknownComponentError(
+                f"Unknown runtime '{name}' (config key 'run.runtime').{did_you_mean(str(name), names)} Available "
+                f"runtimes: {', '.join(names)}. Run `ablate plugins` to see which plugin adds each.{self.broken_note()}"
+            )
+        return self.components["runtime"][name]
 
     def component_config(self, kind: str, node: Any, key: str) -> tuple[type, Any]:
         """The class and the typed, resolved Config of a component node ({name: NAME, option: value, ...}) found at

@@ -1,4 +1,4 @@
-"""Conformance suites for component plugins: subclass one in your own tests.
+"""Conformance suites for component and runtime plugins: subclass one in your own tests.
 
     from ablate.api.testing import EncoderConformance
     from my_pkg import MyEncoder
@@ -15,7 +15,9 @@ dtype moves and meta-device builds work, gradients flow, rows of a batch do not 
 metadata that `ablate list` shows is present. The same classes run over every registered component in ablate's
 own test suite, so a built-in and a third-party plugin are held to the same bar.
 
-Knobs every suite has (class attributes): `component`, `config_overrides`, `real_forward` (False: only
+`RuntimeConformance` does the same for a runtime plugin (`runtime = MyRuntime`) on small real stages; see it.
+
+Knobs every component suite has (class attributes): `component`, `config_overrides`, `real_forward` (False: only
 shape checks on the meta device, for components too big for a unit test), `atol`/`rtol` (batch independence),
 `dtype_tolerance` (float64 vs float32), `every_parameter_gets_grad`, `check_registration`. For anything a
 dict cannot express, override the classmethod `make_component(**changes)`.
@@ -68,6 +70,7 @@ __all__ = [
     "DecoderConformance",
     "EncoderConformance",
     "ReducerConformance",
+    "RuntimeConformance",
     "SUITES",
     "suite_for",
 ]
@@ -685,3 +688,189 @@ def suite_for(component: type, kind: str | None = None, class_name: str | None =
             raise TypeError(f"{component!r} is not a component: subclass one of ablate.api's base classes")
     name = class_name or "Test" + re.sub(r"\W", "_", f"{kind}_{component.name}").title().replace("_", "")
     return type(name, (SUITES[kind],), {"component": component, **attributes})
+
+
+# ------------------------------------------------------------------------------------------------ runtimes
+
+
+class _PatchStage(nn.Module):
+    """pixels -> (B, N, C) tokens through a strided convolution and a GELU: an encoder-like stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+
+    def forward(self, ctx: StageContext) -> StageContext:
+        tokens = F.gelu(self.conv(ctx.pixel_values)).flatten(2).transpose(1, 2)
+        return dataclasses.replace(ctx, tokens=tokens, layout=TokenLayout.grid_of(4, 4))
+
+
+class _ProjectStage(nn.Module):
+    """tokens -> tokens through LayerNorm and Linear, with a plugin extra passed on: a connector-like stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(8), nn.Linear(8, 12)
+
+    def forward(self, ctx: StageContext) -> StageContext:
+        return dataclasses.replace(ctx, tokens=self.proj(self.norm(ctx.tokens)), extras={**ctx.extras, "tag": "kept"})
+
+
+class _LogitsStage(nn.Module):
+    """tokens and prompt ids -> (B, vocab) logits: a prefill-like stage reading an integer input."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(32, 12), nn.Linear(12, 32)
+
+    def forward(self, ctx: StageContext) -> torch.Tensor:
+        hidden = torch.cat([ctx.tokens, self.embed(ctx.input_ids)], dim=1)
+        return self.head(torch.softmax(hidden @ hidden.transpose(1, 2), dim=-1) @ hidden)[:, -1]
+
+
+class _KeepAboveMean(nn.Module):
+    """Keeps the tokens whose norm is above the mean: a token count decided by the data (a reducer-like stage)."""
+
+    def forward(self, ctx: StageContext) -> StageContext:
+        norms = ctx.tokens.norm(dim=-1)
+        keep = norms[0] > norms[0].mean()
+        return dataclasses.replace(ctx, tokens=ctx.tokens[:, keep], layout=TokenLayout.unstructured(int(keep.sum())))
+
+
+class RuntimeConformance:
+    """Checks a Runtime plugin's promises on small real stages (no VLM needed).
+
+        from ablate.api.testing import RuntimeConformance
+
+        class TestMyRuntime(RuntimeConformance):
+            runtime = MyRuntime
+
+    Each stage is prepared on one input and then run on a fresh one of the same shapes: its output must equal the
+    eager output on that fresh input (within `rtol` of its largest value), so a graph that froze the example's
+    values fails. The encoder-, connector- and prefill-like stages must run in the runtime, unless listed in
+    `may_fall_back`; a stage whose token count depends on the data must fall back (StageFallback) or be right
+    on an input that keeps another count. Tests skip when the runtime's packages are not installed.
+    """
+
+    runtime: ClassVar[type | None] = None  # the Runtime subclass under test: set this
+    rtol: ClassVar[float] = 1e-4
+    may_fall_back: ClassVar[tuple[str, ...]] = ()  # stages of the suite it may leave to torch
+    check_registration: ClassVar[bool] = True
+
+    def _runtime(self):
+        from ablate.api.runtimes import Runtime
+
+        if self.runtime is None or not issubclass(self.runtime, Runtime):
+            raise TypeError(f"{type(self).__name__}: set `runtime` to a subclass of ablate.api.Runtime")
+        if self.runtime.missing():
+            pytest.skip(f"runtime {self.runtime.name} needs {', '.join(self.runtime.missing())}")
+        return self.runtime(threads=torch.get_num_threads())
+
+    @staticmethod
+    def _inputs(seed: int) -> StageContext:
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(2, 3, 16, 16, generator=generator)
+        ids = torch.randint(0, 32, (2, 5), generator=generator)
+        return StageContext(pixel_values=pixels, input_ids=ids, extras={"source": "suite"})
+
+    def _prepared(self, runtime, module: nn.Module, example: Any, static: bool = True):
+        from ablate.api.runtimes import RuntimeStage
+
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            output = module(example)
+            stage = RuntimeStage(type(module).__name__, module, module, example, output, static, torch.device("cpu"))
+            return runtime.prepare(stage)
+
+    def _check_stage(self, module: nn.Module, to_input, name: str) -> None:
+        from ablate.api.runtimes import StageFallback, tensors_of
+
+        runtime = self._runtime()
+        torch.manual_seed(0)
+        module = module.eval()
+        with torch.inference_mode():
+            example, fresh = to_input(self._inputs(0)), to_input(self._inputs(1))
+        try:
+            run = self._prepared(runtime, module, example)
+        except StageFallback as exc:
+            if name in self.may_fall_back:
+                pytest.skip(f"{name} falls back: {exc}")
+            raise AssertionError(f"{self.runtime.name} refused the {name}-like stage: {exc}") from None
+        with torch.inference_mode():
+            expected, got = module(fresh), run(fresh)
+            assert not torch.equal(_tensor(module(example)), _tensor(expected))  # the fresh input is another input
+        assert type(got) is type(expected), f"{name}: returned a {type(got).__name__}, not a {type(expected).__name__}"
+        got_tensors, expected_tensors = tensors_of(got), tensors_of(expected)
+        assert len(got_tensors) == len(expected_tensors), f"{name}: the output holds other tensors than eager's"
+        for a, b in zip(got_tensors, expected_tensors):
+            assert a.shape == b.shape and a.dtype == b.dtype, (
+                f"{name}: {a.shape} {a.dtype} vs eager {b.shape} {b.dtype}"
+            )
+            scale = b.float().abs().max().item() or 1.0
+            error = (a.float() - b.float()).abs().max().item() / scale
+            assert error <= self.rtol, f"{name}: deviation from eager {error:.2e} > rtol {self.rtol:.0e}"
+        if isinstance(expected, StageContext):
+            assert got.layout == expected.layout, f"{name}: the layout changed"
+            plain = {k: v for k, v in expected.extras.items() if not isinstance(v, torch.Tensor)}
+            assert {k: got.extras.get(k) for k in plain} == plain, f"{name}: non-tensor extras were lost"
+
+    def test_name_and_description(self):
+        from ablate.api.runtimes import TORCH_RUNTIME, Runtime
+
+        runtime = self.runtime
+        assert isinstance(runtime, type) and issubclass(runtime, Runtime), "runtime must subclass ablate.api.Runtime"
+        assert isinstance(runtime.name, str) and NAME_PATTERN.match(runtime.name), f"bad name {runtime.name!r}"
+        assert runtime.name != TORCH_RUNTIME, f"'{TORCH_RUNTIME}' is ablate's own runtime"
+        assert describe(runtime), f"{runtime.__name__} needs a docstring: its first line describes it"
+
+    def test_registered_under_its_name(self):
+        if not self.check_registration:
+            pytest.skip("check_registration = False")
+        module = self.runtime.__module__
+        names = {
+            ep.name
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+            if module == ep.module or module.startswith(ep.module + ".")
+        }
+        assert names, f"no entry point of the '{ENTRY_POINT_GROUP}' group points at {module}"
+        registry = Registry()
+        registry.load_entry_points(only=names, strict=True)
+        assert registry.runtime(self.runtime.name) is self.runtime
+
+    def test_a_missing_package_is_an_error_naming_the_extra(self):
+        from ablate.api.errors import ResourceError
+
+        lacking = type("Lacking", (self.runtime,), {"requires": ("ablate_no_such_package",)})
+        with pytest.raises(ResourceError, match=re.escape(lacking.extra or "ablate_no_such_package")):
+            lacking.check()
+
+    def test_an_encoder_like_stage_matches_eager(self):
+        self._check_stage(_PatchStage(), lambda ctx: ctx, "encoder")
+
+    def test_a_connector_like_stage_matches_eager(self):
+        with torch.inference_mode():
+            patch = _PatchStage().eval()
+        self._check_stage(_ProjectStage(), lambda ctx: patch(ctx), "connector")
+
+    def test_a_prefill_like_stage_matches_eager(self):
+        with torch.inference_mode():
+            patch, project = _PatchStage().eval(), _ProjectStage().eval()
+        self._check_stage(_LogitsStage(), lambda ctx: project(patch(ctx)), "prefill")
+
+    def test_a_data_dependent_stage_falls_back_or_is_right(self):
+        from ablate.api.runtimes import StageFallback, tensors_of
+
+        runtime = self._runtime()
+        with torch.inference_mode():
+            patch = _PatchStage().eval()
+            example, fresh = patch(self._inputs(0)), patch(self._inputs(1))
+            stage = _KeepAboveMean()
+            try:
+                run = self._prepared(runtime, stage, example, static=False)
+            except StageFallback:
+                return
+            expected, got = stage(fresh), run(fresh)
+        assert [t.shape for t in tensors_of(got)] == [t.shape for t in tensors_of(expected)], (
+            f"{self.runtime.name} ran a data-dependent stage with the example's token count: raise StageFallback "
+            f"when RuntimeStage.static is False, or keep the count dynamic"
+        )

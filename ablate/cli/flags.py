@@ -35,6 +35,9 @@ RUN_FLAGS: dict[str, dict[str, Any]] = {
         "(run.dtype, default float32)"
     ),
     "threads": dict(type=int, metavar="N", help="torch CPU threads (run.threads, default: torch's choice)"),
+    "runtime": dict(
+        help="where the stages run: torch, or a runtime a plugin adds (`ablate plugins`) (run.runtime, default torch)"
+    ),
     "mode": dict(help="eager, compile (torch.compile) or cudagraph (CUDA graphs, GPU) (run.mode, default eager)"),
     "memory_format": dict(
         help="contiguous or channels_last for the encoder's convolutions (run.memory_format, default contiguous)"

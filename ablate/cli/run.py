@@ -27,6 +27,16 @@ def add_commands(sub) -> None:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.image_size=512 encoder=timm")
     run.set_defaults(handler=cmd_run)
 
+    export = sub.add_parser(
+        "export",
+        parents=[parent("json", "debug", *MEASURE_FLAGS)],
+        help="write the stages a runtime prepared (e.g. ONNX files) and a manifest, to time them on another machine",
+    )
+    export.add_argument("config", help="preset name (`ablate list presets`), YAML path or checkpoint directory")
+    export.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encoder.image_size=512")
+    export.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder (run.export)")
+    export.set_defaults(handler=cmd_export)
+
     show = sub.add_parser("show", parents=[parent("debug")], help="print the resolved config")
     show.add_argument("config", help="preset name, YAML path or checkpoint directory")
     show.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -71,6 +81,32 @@ def cmd_run(args) -> int:
         print(json.dumps(record))
     else:
         print_record(record, out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """A run with run.export set: one repeat unless asked for more (the figures check the export, no more)."""
+    from ablate.measurement.measure import measure
+
+    options = {"repeats": 1, "warmup": 0, **run_options(args), "export": args.out}
+    with progress_bar() as bar:
+        task = bar.add_task("loading", total=None)
+        record = measure(
+            args.config,
+            args.overrides,
+            progress=lambda what, done, total: bar.update(task, description=what, completed=done, total=total),
+            **options,
+        ).to_dict()
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    execution = record["execution"]
+    for stage, ran in execution["runtimes"].items():
+        deviation = (execution["deviation_from_eager"] or {}).get(stage)
+        out.print(f"{stage}: {ran}" + ("" if deviation is None else f" ({deviation:.1e} from eager)"), highlight=False)
+    for sentence in execution["fallbacks"]:
+        out.print(f"fallback: {sentence}", highlight=False)
+    out.print(record["notes"][-1], highlight=False)
     return 0
 
 

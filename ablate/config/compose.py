@@ -323,6 +323,7 @@ def _resolve(data: Mapping[str, Any], registry: Registry, sources: Iterable[str]
             f"input_size=[1920,1080], or leave it unset for a square image of the encoder's size."
         )
     config.run.validate()
+    registry.runtime(config.run.runtime)  # an unknown runtime fails here, where a grid expands
     return config
 
 

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ablate.api.errors import ConfigError
+from ablate.api.runtimes import TORCH_RUNTIME
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # eager: plain PyTorch calls. compile: torch.compile per component. cudagraph: CUDA graphs of each stage and of the
 # whole TTFT path, replayed (GPU only). See ablate/measurement/modes.py for what each does and how it falls back.
 MODES = ("eager", "compile", "cudagraph")
+# int8-dynamic: the Linear layers' weights stored in int8, activations quantized on the fly (torch's dynamic
+# quantization in the torch runtime; a runtime plugin may use its own). See ablate/measurement/quantization.py.
+QUANTIZATIONS = ("int8-dynamic",)
 MEMORY_FORMATS = ("contiguous", "channels_last")  # channels_last applies to the encoder's convolutions
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32)
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -31,6 +35,15 @@ class ComponentDtypes:
 
     encoder: str | None = None
     reducer: str | None = None
+    connector: str | None = None
+    decoder: str | None = None
+
+
+@dataclass
+class ComponentQuantization:
+    """A quantization scheme per component (None: as run.dtype says); the reducer has no weights worth it."""
+
+    encoder: str | None = None
     connector: str | None = None
     decoder: str | None = None
 
@@ -50,7 +63,10 @@ class RunOptions:
     device: str = "cpu"  # cpu, cuda, cuda:N
     dtype: str = "float32"  # every component's dtype unless `dtypes` says otherwise
     dtypes: ComponentDtypes = field(default_factory=ComponentDtypes)
+    # Where the stages run: torch (PyTorch in run.mode), or a runtime a plugin adds (`ablate plugins` lists them).
+    runtime: str = TORCH_RUNTIME
     mode: str = "eager"
+    quantize: ComponentQuantization = field(default_factory=ComponentQuantization)
     memory_format: str = "contiguous"
     profile: str | None = None  # a torch.profiler trace file to write ("auto": ablate-trace-NAME-MODE.json here)
     peak: DevicePeak = field(default_factory=DevicePeak)
@@ -66,6 +82,8 @@ class RunOptions:
     image: str | None = None  # a real image file; None: a synthetic image of the encoder's input size
     seed: int = 0  # random weights, the synthetic image and the prompt
     fidelity: bool = False  # also compare first-token logits with the model without its reducer (record["fidelity"])
+    # A folder for the prepared stages' files and a manifest (`ablate export`): a runtime's graphs to carry elsewhere.
+    export: str | None = None
 
     def dtype_of(self, kind: str) -> torch.dtype:
         return DTYPES[getattr(self.dtypes, kind) or self.dtype]
@@ -78,6 +96,23 @@ class RunOptions:
                 raise ConfigError(f"Unknown dtype '{value}' (run.{key}). Choose one of: {', '.join(DTYPES)}.")
         if self.mode not in MODES:
             raise ConfigError(f"Unknown mode '{self.mode}' (run.mode, --mode). Available modes: {', '.join(MODES)}.")
+        if self.runtime != TORCH_RUNTIME and self.mode != "eager":
+            raise ConfigError(
+                f"run.mode={self.mode} is a mode of the {TORCH_RUNTIME} runtime; runtime '{self.runtime}' (run.runtime) "
+                f"prepares the stages its own way. Drop run.mode (--mode), or use run.runtime={TORCH_RUNTIME}."
+            )
+        for kind, scheme in vars(self.quantize).items():
+            if scheme is not None and scheme not in QUANTIZATIONS:
+                raise ConfigError(
+                    f"Unknown quantization '{scheme}' (run.quantize.{kind}). Choose one of: {', '.join(QUANTIZATIONS)}, "
+                    f"or leave it unset for none."
+                )
+            if scheme is not None and self.dtype_of(kind) != torch.float32:
+                raise ConfigError(
+                    f"run.quantize.{kind}={scheme} quantizes float32 weights, but the {kind} runs in "
+                    f"{str(self.dtype_of(kind)).removeprefix('torch.')}: set run.dtypes.{kind}=float32, or drop the "
+                    f"quantization."
+                )
         if self.memory_format not in MEMORY_FORMATS:
             raise ConfigError(
                 f"Unknown memory format '{self.memory_format}' (run.memory_format, --memory-format). Choose one of: "
@@ -118,6 +153,13 @@ class RunOptions:
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"run.seed (--seed) must be between 0 and {MAX_SEED}, not {self.seed}.")
+        if self.export is not None and self.runtime == TORCH_RUNTIME:
+            raise ConfigError(
+                f"run.export writes the files a runtime prepared, and the {TORCH_RUNTIME} runtime prepares none: name "
+                f"one that does (run.runtime, --runtime; `ablate plugins` lists them)."
+            )
+        if self.export is not None and self.count_only:
+            raise ConfigError("run.export (ablate export) writes prepared stages: drop --count-only (run.count_only).")
         if self.profile is not None and self.count_only:
             raise ConfigError("run.profile (--profile) profiles a timed run: drop --count-only (run.count_only).")
         device = parse_device(self.device)

@@ -63,6 +63,11 @@ def check_run_options(options: RunOptions) -> None:
             f"The folder of the trace file {options.profile} (run.profile, --profile) does not exist: create it or "
             f"give another path (--profile alone writes ablate-trace-NAME-MODE.json here)."
         )
+    if options.export is not None and os.path.exists(options.export) and os.listdir(options.export):
+        raise ConfigError(
+            f"The export folder {options.export} (run.export, --out) is not empty: give a new or empty folder, so "
+            f"that its manifest describes every file in it."
+        )
 
 
 # ------------------------------------------------------------------------------------------- what it is

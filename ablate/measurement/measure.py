@@ -32,15 +32,17 @@ from ablate.measurement.counting import (
     token_summary,
     with_total,
 )
+from ablate.measurement.export import write_export
 from ablate.measurement.fidelity import first_token_fidelity
 from ablate.measurement.machine import check_machine, environment, peak_memory
 from ablate.measurement.modes import prepare, requested
 from ablate.measurement.profiling import profile_stages, trace_path
-from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, LLMTokens, Params, Record, Tokens
+from ablate.measurement.quantization import logits_fidelity, quantize, stored_bytes
+from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, LLMTokens, Params, Quantization, Record, Tokens
 from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes
 from ablate.measurement.timing import Progress, StageTimer, time_stages
 from ablate.model.build import build, default_dtype
-from ablate.model.vlm import VLM
+from ablate.model.vlm import STAGE_COMPONENT, VLM
 
 
 def measure(
@@ -168,6 +170,9 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
     _describe(config, record)
     where["stage"] = "checking the machine"
     check_machine(config)  # here, where the run happens: a grid resolved elsewhere fails cell by cell
+    runtime = registry.runtime(options.runtime)
+    if runtime is not None:
+        runtime.check()  # its optional dependencies are installed here
     device = torch.device(options.device)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -208,10 +213,19 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         pixels = pixels.unsqueeze(0).expand(config.batch_size, *pixels.shape).contiguous().to(device)
         ids = vlm.make_prompt(config.prompt_tokens, config.batch_size, options.seed).to(device)
         ctx = vlm.start(pixels, ids, image_size=image.size)
-        where["stage"] = f"preparing {options.mode} mode"
-        prepared = prepare(vlm, ctx, options, progress)
+        schemes = {kind: scheme for kind, scheme in vars(options.quantize).items() if scheme}
+        if schemes:
+            where["stage"] = "quantizing"
+            float_logits, float_bytes = _before_quantizing(vlm, ctx, schemes, runtime is None)
+        where["stage"] = f"preparing {options.mode} mode" if runtime is None else f"preparing runtime {runtime.name}"
+        prepared = prepare(vlm, ctx, options, progress, runtime)
         record.execution = prepared.entry
         record.notes += prepared.notes
+        if schemes:
+            record.quantization = _quantization(vlm, prepared, schemes, float_logits, float_bytes)
+        if options.export:
+            where["stage"] = "exporting the prepared stages"
+            record.notes.append(write_export(options.export, record, prepared))
 
         where["stage"] = "timing"
         timer = where["timer"] = StageTimer(device)
@@ -252,6 +266,32 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
             where["stage"] = "measuring fidelity against the model without its reducer"
             progress("measuring fidelity", 0, 1)
             record.fidelity = first_token_fidelity(vlm, prepared.ctx)
+
+
+def _before_quantizing(vlm: VLM, ctx: StageContext, schemes: dict[str, str], in_torch: bool):
+    """The float model's first-token logits and stored bytes per quantized component; then, in the torch runtime,
+    the quantization itself (another runtime applies its own as it prepares each stage)."""
+    with torch.inference_mode():
+        logits = vlm.prefill_stage(vlm.run_vision(ctx))
+    float_bytes = {kind: stored_bytes(getattr(vlm, kind)) for kind in schemes}
+    if in_torch:
+        for kind, scheme in schemes.items():
+            quantize(getattr(vlm, kind), scheme)
+    return logits, float_bytes
+
+
+def _quantization(vlm: VLM, prepared, schemes: dict[str, str], float_logits, float_bytes) -> Quantization:
+    """The record's quantization block: bytes as each component ran (the runtime's figure for its stages)."""
+    stage_of = {kind: stage for stage, kind in STAGE_COMPONENT.items()}
+    held = {kind: prepared.weight_bytes.get(stage_of[kind]) for kind in schemes}
+    with torch.inference_mode():
+        logits = prepared.ttft(prepared.ctx)
+    return Quantization(
+        schemes=dict(schemes),
+        float_bytes=float_bytes,
+        quantized_bytes={kind: held[kind] or stored_bytes(getattr(vlm, kind)) for kind in schemes},
+        fidelity=logits_fidelity(float_logits, logits),
+    )
 
 
 def count_on_meta(record: Record, meta_vlm: VLM, config: VLMConfig) -> tuple[VLM, StageContext, StageContext]:

@@ -17,6 +17,10 @@ deviation from it (accumulated along the path, as TTFT sees it), so a mode that 
 much. On a GPU the eager stages are also timed, so that a launch-bound stage (eager far slower than its graph) is
 flagged in the roofline block.
 
+These are the modes of the `torch` runtime, ablate's own. Under another runtime (`run.runtime`, a plugin's
+`ablate.api.Runtime`) each stage is handed to it instead, on the input its previous stages gave; a stage it refuses
+(StageFallback) runs here eagerly, labelled, and every stage's deviation from the float eager pass is recorded.
+
 What ran is the record's `execution` block (`ablate.measurement.record.Execution`, each field described there).
 
 torch.compile starts afresh in every compile-mode run (torch._dynamo.reset), which drops any other compiled code
@@ -25,7 +29,6 @@ in the process: compile what you compare after preparing the toolkit's run, as b
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -34,13 +37,16 @@ from typing import Any
 
 import torch
 
-from ablate.api.components import Attention, StageContext
+from ablate.api.components import StageContext
 from ablate.api.errors import first_line
 from ablate.api.hooks import KINDS
+from ablate.api.runtimes import TORCH_RUNTIME, Runtime, RuntimeStage, StageFallback, tensor_names, tensors_of
 from ablate.config.run_options import RunOptions
 from ablate.measurement.machine import cpu_features
+from ablate.measurement.quantization import quantize
 from ablate.measurement.record import Execution, ModeChoice
 from ablate.measurement.timing import Progress, StageTimer
+from ablate.model.vlm import STAGE_COMPONENT
 
 GRAPH_WARMUP = 3  # eager calls on a side stream before capture (cuBLAS/cuDNN workspaces, lazy initialisation)
 
@@ -54,10 +60,20 @@ class Prepared:
     ctx: StageContext  # the first stage's input (pixels in the chosen memory format)
     entry: Execution  # the record's execution block
     notes: list[str] = field(default_factory=list)
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # stage -> its weights' bytes, as a runtime held them
+    files: dict[str, Any] = field(default_factory=dict)  # stage -> the file a runtime loaded it from (Path)
+    signatures: dict[str, Any] = field(default_factory=dict)  # stage -> its tensors: name, shape, dtype (tensor_specs)
 
 
-def prepare(vlm, ctx: StageContext, options: RunOptions, progress: Progress | None = None) -> Prepared:
-    """Set the VLM up for `options.mode` and `options.memory_format`; compile or capture what the mode needs."""
+def prepare(
+    vlm,
+    ctx: StageContext,
+    options: RunOptions,
+    progress: Progress | None = None,
+    runtime: type[Runtime] | None = None,
+) -> Prepared:
+    """Set the VLM up for `options.mode` and `options.memory_format`; compile or capture what the mode needs. With a
+    `runtime` (run.runtime's class; None: torch), hand each stage to it instead (see `_in_runtime`)."""
     progress = progress or (lambda *_: None)
     device = ctx.pixel_values.device
     entry = requested(options)
@@ -82,6 +98,17 @@ def prepare(vlm, ctx: StageContext, options: RunOptions, progress: Progress | No
             f"emulated here and usually slower than float32; the bfloat16 speed-ups seen on other CPUs do not apply."
         )
 
+    if runtime is not None:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            stages, ttft, used, signatures = _in_runtime(runtime, vlm, ctx, entry, notes, options, progress)
+        entry.setup_s = time.perf_counter() - start
+        ran = set(entry.runtimes.values()) - {"no-op"}
+        entry.used.runtime = runtime.name if ran <= {runtime.name} else "mixed"
+        entry.used.mode = "eager" if TORCH_RUNTIME in ran else None
+        return Prepared(stages, ttft, ctx, entry, notes, dict(used.weight_bytes), dict(used.files), signatures)
+    entry.used.runtime = TORCH_RUNTIME
+    entry.runtimes = {name: TORCH_RUNTIME for name, _ in vlm.stages()}
     if mode == "eager":
         entry.used.mode = "eager"
         entry.stages = {name: "eager" for name, _ in vlm.stages()}
@@ -107,6 +134,7 @@ def prepare(vlm, ctx: StageContext, options: RunOptions, progress: Progress | No
 def requested(options: RunOptions) -> Execution:
     """The record's execution block as the run options ask for it, before anything ran."""
     choice = ModeChoice(
+        runtime=options.runtime,
         mode=options.mode,
         dtypes={kind: _dtype_name(options.dtype_of(kind)) for kind in KINDS},
         memory_format=options.memory_format,
@@ -261,30 +289,89 @@ def _graph_break_count() -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
+# ---------------------------------------------------------------------------------------- other runtimes
+
+
+def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes: list[str], options, progress):
+    """Each stage prepared in the runtime on the input the runtime's previous stages give it; a stage it refuses
+    (StageFallback) runs in torch eagerly, labelled (quantized there, if run.quantize asks). Deviations are from
+    the float eager reference, along the path (so they include a quantization's)."""
+    runtime = runtime_class(threads=torch.get_num_threads())
+    signatures = {}
+    plain = _static_stages(vlm, ctx, notes)
+    reference = _run_stages(plain, ctx)
+    layouts = vlm.declared_layouts()
+    entry.stages, entry.runtimes, entry.prepare_s, entry.deviation_from_eager = {}, {}, {}, {}
+    stages, out, known = [], ctx, True
+    for index, (name, stage) in enumerate(plain):
+        progress(f"preparing the {name} stage in {runtime.name}", index, len(plain))
+        eager = stage(out)
+        # Data-dependent: this stage decides its own token count (the stages after it merely inherit the count).
+        static = layouts.get(name, True) is not None or not known
+        known = layouts.get(name, True) is not None
+        if _passes_on(out, eager):  # a no-op stage (reducer 'none'): nothing to prepare
+            entry.stages[name] = entry.runtimes[name] = "no-op"
+            entry.deviation_from_eager[name] = _deviation(out, reference[name])
+            stages.append((name, stage))
+            continue
+        kind = STAGE_COMPONENT[name]
+        component, scheme = getattr(vlm, kind), getattr(options.quantize, kind, None)
+        spec = RuntimeStage(name, stage, component, out, eager, static, out_device(out), scheme)
+        signatures[name] = {"inputs": tensor_specs(out), "outputs": tensor_specs(eager)}
+        start = time.perf_counter()
+        try:
+            runner = runtime.prepare(spec)
+            entry.prepare_s[name] = time.perf_counter() - start
+            result = runner(out)
+            entry.stages[name] = entry.runtimes[name] = runtime.name
+        except StageFallback as exc:
+            if scheme is not None:
+                quantize(component, scheme)
+                eager = stage(out)
+            runner, result = stage, eager
+            entry.stages[name], entry.runtimes[name] = "eager", TORCH_RUNTIME
+            _fall_back(
+                entry, notes, f"the {name} stage does not run in {runtime.name} ({exc}): it ran in torch, eagerly."
+            )
+        entry.deviation_from_eager[name] = _deviation(result, reference[name])
+        stages.append((name, runner))
+        out = result
+    notes.extend(runtime.notes)
+    entry.ttft = f"the stages called in turn ({runtime.name}, torch for what fell back)"
+    for name, (inputs, outputs) in runtime.graph_io.items():  # what the runtime's graph reads and writes
+        given = {spec["name"]: spec for spec in signatures[name]["inputs"]}
+        made = {spec["name"]: spec for spec in signatures[name]["outputs"]}
+        signatures[name] = {
+            "inputs": [given[n] for n in inputs],
+            "outputs": [{**made[n.removesuffix("_out")], "name": n} for n in outputs],
+        }
+    return stages, lambda c: _run_stages(stages, c)["prefill"], runtime, signatures
+
+
+def tensor_specs(value: Any) -> list[dict[str, Any]]:
+    """Name, shape and dtype of each of a stage input's or output's tensors (the export manifest's signature)."""
+    return [
+        {"name": name, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        for name, t in zip(tensor_names(value), tensors_of(value))
+    ]
+
+
+def _passes_on(value: Any, out: Any) -> bool:
+    """Whether every tensor of `out` is one of `value`'s (the stage computed nothing)."""
+    given = {id(t) for t in tensors_of(value)}
+    return all(id(t) in given for t in tensors_of(out))
+
+
+def out_device(value: Any) -> torch.device:
+    return next((t.device for t in tensors_of(value)), torch.device("cpu"))
+
+
 # -------------------------------------------------------------------------------------------- CUDA graphs
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor a stage input or output holds, in a fixed order (the graph's static buffers)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, StageContext):
-        found = []
-        for f in dataclasses.fields(value):
-            item = getattr(value, f.name)
-            if isinstance(item, Attention):
-                found += [item.queries, item.keys]
-            elif isinstance(item, dict):
-                found += [v for _, v in sorted(item.items()) if isinstance(v, torch.Tensor)]
-            elif isinstance(item, torch.Tensor):
-                found.append(item)
-        return found
-    return []
 
 
 def _copy_into(static: Any, fresh: Any) -> None:
     """Load a fresh stage input into the static buffers a graph was captured on (same shapes: same image)."""
-    for target, source in zip(_tensors(static), _tensors(fresh), strict=True):
+    for target, source in zip(tensors_of(static), tensors_of(fresh), strict=True):
         if target is not source:
             target.copy_(source)
 

@@ -186,9 +186,22 @@ class Fidelity:
 
 
 @dataclass
+class Quantization:
+    """With run.quantize: what was quantized, its stored bytes, and what it changed in the first token."""
+
+    schemes: dict[str, str] | None = doc("the scheme per quantized component (run.quantize)")
+    float_bytes: dict[str, int] | None = doc("per quantized component: its weights' bytes unquantized, as stored")
+    quantized_bytes: dict[str, int] | None = doc("the same as they ran: quantized (by torch or by the runtime)")
+    fidelity: Fidelity | None = doc("first-token agreement and KL against the same model unquantized")
+
+
+@dataclass
 class ModeChoice:
     """How stages run: the execution mode, each component's dtype, the encoder's memory format."""
 
+    runtime: str | None = doc(
+        "where the stages run: torch, a runtime plugin's name, or mixed (some fell back to torch)"
+    )
     mode: str | None = doc("eager, compile, cudagraph, or mixed (some stages fell back)")
     dtypes: dict[str, str] | None = doc("dtype per component")
     memory_format: str | None = doc("contiguous or channels_last")
@@ -210,7 +223,11 @@ class Execution:
 
     requested: ModeChoice | None = doc("what the run options asked for")
     used: ModeChoice = doc("what ran", factory=ModeChoice)
-    stages: dict[str, str] | None = doc("how each stage ran: eager, compile, cudagraph, or no-op (nothing to run)")
+    stages: dict[str, str] | None = doc(
+        "how each stage ran: eager, compile, cudagraph, the runtime's name, or no-op (nothing to run)"
+    )
+    runtimes: dict[str, str] | None = doc("the runtime each stage ran in: torch, or run.runtime's")
+    prepare_s: dict[str, float] | None = doc("outside torch: seconds each stage took to prepare (export, load)")
     ttft: str | None = doc("how the one-call TTFT ran (one CUDA graph, or the stages in turn)")
     fallbacks: list[str] = doc("one sentence per thing that could not run as asked, and what ran instead", factory=list)
     timer: str | None = doc("perf_counter (CPU) or cuda-events")
@@ -365,7 +382,7 @@ class Record:
         "the run options as used (ablate.config.run_options.RunOptions; `threads` as torch set them, `dtypes` "
         "resolved per component)",
         metrics=False,
-        columns={"device": "device", "mode": "mode"},
+        columns={"device": "device", "mode": "mode", "runtime": "runtime"},
     )
     env: Environment | None = doc("where it ran", metrics=False)
     config: dict[str, Any] | None = doc("the resolved config, `run:` section included, as asked for", metrics=False)
@@ -376,6 +393,7 @@ class Record:
         metrics=False,
     )
     fidelity: Fidelity | None = doc("with run.fidelity: first-token agreement and KL against no reduction")
+    quantization: Quantization | None = doc("with run.quantize: bytes before and after, fidelity to float")
     execution: Execution = doc("how the timed stages ran", factory=Execution)
     roofline: Roofline = doc("each stage against the device's peak", factory=Roofline)
     profile: Profile | None = doc("with run.profile: the trace and the top kernels per stage", metrics=False)

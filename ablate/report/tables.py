@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ablate.api.errors import first_line
+from ablate.api.runtimes import TORCH_RUNTIME
 from ablate.grid.store import record_path
 from ablate.measurement.record import value_at
 from ablate.model.vlm import STAGE_COMPONENT, STAGES
@@ -58,7 +59,11 @@ def print_record(record: dict[str, Any], out: Console) -> None:
     mode = used["mode"] or run["mode"]
     if used["mode"] and used["mode"] != run["mode"]:
         mode += f" (asked: {run['mode']})"
+    if run.get("runtime", TORCH_RUNTIME) != TORCH_RUNTIME:  # records before runtimes have no run.runtime
+        mode = f"in {run['runtime']}" + (" (some stages in torch)" if used.get("runtime") == "mixed" else "")
+    quantized = [f"{scheme} {kind}" for kind, scheme in (run.get("quantize") or {}).items() if scheme]
     layout = f" {used['memory_format']}" if used["memory_format"] == "channels_last" else ""
+    layout += "".join(f", {text}" for text in quantized)
     title = (
         f"{record['name']}: {tokens_text(record)} visual + {record['prompt_tokens']} prompt tokens, "
         f"{run['device']} {run['dtype']} {mode}{layout}, {run['threads']} threads"
@@ -129,6 +134,30 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         out.print(
             f"fidelity vs the model without its reducer: top-1 agreement {fidelity['top1_agreement']:.3f}, "
             f"KL {fidelity['kl']:.4g} nats ({fidelity['rows']} rows)"
+        )
+    quantization = record.get("quantization")
+    if quantization:
+        sizes = ", ".join(
+            f"{kind} {quantization['float_bytes'][kind] / 2**20:,.1f} -> {quantization['quantized_bytes'][kind] / 2**20:,.1f} "
+            f"MiB ({scheme})"
+            for kind, scheme in quantization["schemes"].items()
+        )
+        fidelity = quantization["fidelity"]
+        out.print(
+            f"quantized weights: {sizes}; vs unquantized: top-1 agreement {fidelity['top1_agreement']:.3f}, "
+            f"KL {fidelity['kl']:.4g} nats",
+            highlight=False,
+        )
+    deviations = record["execution"].get("deviation_from_eager") or {}
+    if run.get("runtime", TORCH_RUNTIME) != TORCH_RUNTIME and deviations:
+        where = record["execution"].get("runtimes") or {}
+        out.print(
+            "ran in: "
+            + ", ".join(
+                f"{stage} {where.get(stage, '?')}" + ("" if value is None else f" ({value:.1e} from eager)")
+                for stage, value in deviations.items()
+            ),
+            highlight=False,
         )
     for note in record["notes"]:
         out.print(f"note: {note}", highlight=False)

@@ -1,0 +1,1 @@
+"""Runtimes: where the timed stages run besides torch (`run.runtime`)."""
