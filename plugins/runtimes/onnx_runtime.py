@@ -93,7 +93,8 @@ class OnnxRuntime(Runtime):
 
     @staticmethod
     def _quantized(graph: Path, scheme: str) -> Path:
-        """ONNX Runtime's own int8: dynamic quantization of the graph's MatMul weights (activations on the fly)."""
+        """ONNX Runtime's own int8: dynamic quantization of the graph's weights, MatMul and Conv among them
+        (activations quantized on the fly)."""
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         if scheme != "int8-dynamic":
