@@ -106,7 +106,35 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         "",
         *_floor(roof.get("ttft")),
     )
+    decode = record.get("decode")
+    if decode:
+        table.add_section()
+        per_token, whole = decode["per_token_ms"], decode["end_to_end_ms"]
+        table.add_row(
+            f"decode step (x{decode['steps']})",
+            _ms(per_token["median"], 2),
+            _ms(per_token["min"], 2),
+            _ms(per_token["spread"], 2),
+            "1 out",
+            "",
+            "",
+            "-",
+            "-",
+        )
+        table.add_row(
+            f"[bold]{decode['max_new_tokens']} tokens (one call)",
+            f"[bold]{_ms(whole['median'], 2)}",
+            _ms(whole["min"], 2),
+            _ms(whole["spread"], 2),
+            f"{decode['max_new_tokens']} out",
+            "",
+            "",
+            "-",
+            "-",
+        )
     out.print(table)
+    if decode:
+        _print_decode(record, out)
     timing, memory = record["timing"], record["memory"]
     if timing["repeats"]:
         stop = "" if timing["stop"] == "repeats" else f", until {timing['stop']}"
@@ -134,6 +162,38 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         out.print(f"note: {note}", highlight=False)
     if record["profile"]:
         _print_profile(record["profile"], out)
+
+
+def _print_decode(record: dict[str, Any], out: Console) -> None:
+    """The decode figures beside the table: the split's prediction, throughput and the KV cache."""
+    decode, rate, cache = record["decode"], record["throughput"], record.get("kv_cache")
+    per_token = decode["per_token_ms"]
+    out.print(
+        f"decode: {decode['max_new_tokens']} tokens, fixed length (no stop at EOS), {decode['cache']}, "
+        f"{decode['mode']}; per token median {_ms(per_token['median'], 2)} ms, p90 {_ms(per_token['p90'], 2)} ms; "
+        f"TTFT + {decode['steps']} x median = {_ms(decode['predicted_end_to_end_ms'], 1)} ms vs "
+        f"{_ms(decode['end_to_end_ms']['median'], 1)} ms measured",
+        highlight=False,
+    )
+    out.print(
+        f"throughput (batch {record['batch_size']}): {_num(rate['images_per_s'], digits=2)} images/s to the first "
+        f"token, {_num(rate['output_tokens_per_s'], digits=1)} output tokens/s end to end, "
+        f"{_num(rate['decode_tokens_per_s'], digits=1)} tokens/s decoding",
+        highlight=False,
+    )
+    if cache:
+        pruned = (
+            f", layers {cache['layers'] - cache['pruned_layers']}..{cache['layers'] - 1} hold "
+            f"{cache['pruned_layer_tokens']} (unpruned {_num(cache['unpruned_bytes'], 2**20, 2)} MiB)"
+            if cache["pruned_layers"]
+            else ""
+        )
+        out.print(
+            f"KV cache: {_num(cache['bytes_per_token'], 2**10, 1)} KiB per token x {cache['tokens']} tokens{pruned} = "
+            f"{_num(cache['bytes'], 2**20, 2)} MiB for the batch (measured {_num(cache['measured_bytes'], 2**20, 2)} "
+            f"MiB; after the prefill {_num(cache['prefill_bytes'], 2**20, 2)} MiB)",
+            highlight=False,
+        )
 
 
 def _floor(figures: dict[str, Any] | None) -> tuple[str, str]:
