@@ -147,6 +147,14 @@ def test_the_decode_block_from_a_timed_run():
     assert rate.request_latency_ms == decode.end_to_end_ms.median
     # the cache after 4 tokens: the prefill's tokens and the 3 fed back
     assert record.kv_cache.tokens == record.tokens.llm_input + 3
+    # a step's FLOPs: each row through every linear layer of the decoder (2 FLOPs per weight), plus a little
+    # attention over the cache; its roofline reads the weights once and the cache
+    vlm, _ = tiny_vlm()
+    linear = sum(m.weight.numel() for m in vlm.decoder.modules() if isinstance(m, torch.nn.Linear))
+    assert 2 * 2 * linear <= decode.step_flops < 1.1 * 2 * 2 * linear
+    step = record.roofline.stages["decode_step"]
+    assert step.measured_ms == per_token.median and step.floor_ms > 0
+    assert step.bytes > record.kv_cache.prefill_bytes + 4 * linear  # float32 weights, read once
 
 
 def test_without_max_new_tokens_nothing_is_decoded_and_the_prefill_cache_is_counted():

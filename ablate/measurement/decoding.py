@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ablate.api.components import DecoderPruning, StageContext
 from ablate.api.errors import ConfigError
@@ -52,11 +53,17 @@ def time_decode(
     def end_to_end():
         return vlm.generate(vlm.run_vision(ctx), tokens)[1]
 
+    first = {}  # the position the first fed-back token takes (the prefill's length), and its ids
+
     def step_by_step():
-        ids, cache, position = vlm.start_decoding(vlm.run_vision(ctx))
+        ids, cache, first["position"] = vlm.start_decoding(vlm.run_vision(ctx))
+        first["ids"] = ids
         for index in range(steps):
-            ids = timer("step", vlm.next_token, ids, cache, position + index)
+            ids = timer("step", vlm.next_token, ids, cache, position_of(index))
         return cache
+
+    def position_of(index: int) -> int:
+        return first["position"] + index
 
     planned = options.warmup + options.repeats
     start = time.perf_counter()
@@ -84,7 +91,26 @@ def time_decode(
     if ttft_ms is not None:
         decode.predicted_end_to_end_ms = ttft_ms + steps * per_token.median
         decode.prefill_share = ttft_ms / whole.median
-    return decode, vlm.decoder.cache_bytes(cache)
+    measured = vlm.decoder.cache_bytes(cache)
+    # The FLOPs of one step: one more, untimed, on the last cache (its FLOPs do not depend on the ids fed).
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        vlm.next_token(first["ids"], cache, position_of(steps))
+    decode.step_flops = counter.get_total_flops()
+    return decode, measured
+
+
+def step_traffic(decoder_weight_bytes: int, cache: KVCache | None, decode: Decode) -> dict | None:
+    """{flops, bytes} of the median decoding step for the roofline: the decoder's weights read once, and the KV cache
+    as the average step reads it (it grows by one token per step), plus what the step writes into it."""
+    if cache is None or cache.bytes is None or not decode.steps:
+        return None
+    grown = (cache.bytes - cache.prefill_bytes) // decode.steps  # one token of the batch, every layer
+    average_read = cache.prefill_bytes + grown * (decode.steps - 1) / 2
+    return {
+        "flops": decode.step_flops,
+        "bytes": int(decoder_weight_bytes + average_read + grown),
+        "bytes_unfused": None,
+    }
 
 
 def throughput(record: Record) -> Throughput:

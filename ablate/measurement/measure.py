@@ -32,13 +32,13 @@ from ablate.measurement.counting import (
     token_summary,
     with_total,
 )
-from ablate.measurement.decoding import check_decodes, kv_cache, throughput, time_decode
+from ablate.measurement.decoding import check_decodes, kv_cache, step_traffic, throughput, time_decode
 from ablate.measurement.fidelity import first_token_fidelity
 from ablate.measurement.machine import check_machine, environment, peak_memory
 from ablate.measurement.modes import prepare, requested
 from ablate.measurement.profiling import profile_stages, trace_path
 from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, Params, Record, Tokens
-from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes
+from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes, weight_bytes
 from ablate.measurement.timing import Progress, StageTimer, time_stages
 from ablate.model.build import build, default_dtype
 from ablate.model.vlm import VLM
@@ -255,6 +255,7 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
             record.decode, measured = time_decode(vlm, prepared.ctx, options, device, progress, record.latency_ms.ttft)
             if record.kv_cache is not None:
                 record.kv_cache.measured_bytes = measured
+            traffic["decode_step"] = step_traffic(weight_bytes(vlm.decoder), record.kv_cache, record.decode)
             if record.execution.used.mode != "eager":
                 _fall_back_decode(record)
         record.throughput = throughput(record)

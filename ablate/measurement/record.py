@@ -177,6 +177,9 @@ class Decode:
     prefill_share: float | None = doc(
         "latency_ms.ttft / end_to_end_ms.median: the share of the answer's time to its first token"
     )
+    step_flops: int | None = doc(
+        "FLOPs of one decoding step for the batch (torch.utils.flop_counter on a real step at the cache's end length)"
+    )
     seconds: float | None = doc("wall time of the decode timing, warm-up included")
 
 
@@ -331,7 +334,8 @@ class Roofline:
     peak: Peak | None = doc("the device's peak")
     launch_bound_ratio: float = doc("eager / graph time from which a stage is flagged launch-bound", 2.0)
     stages: dict[str, StageRoofline | None] = doc(
-        "per stage (encoder, reducer, connector, prefill) and for ttft",
+        "per stage (encoder, reducer, connector, prefill), for ttft, and with run.max_new_tokens for decode_step (the "
+        "median step: the decoder's weights read once and the KV cache as the average step reads it)",
         factory=lambda: dict.fromkeys((*STAGES, "ttft")),
     )
 

@@ -116,10 +116,9 @@ def print_record(record: dict[str, Any], out: Console) -> None:
             _ms(per_token["min"], 2),
             _ms(per_token["spread"], 2),
             "1 out",
+            "-" if decode.get("step_flops") is None else f"{decode['step_flops'] / 1e9:,.2f}",
             "",
-            "",
-            "-",
-            "-",
+            *_floor(roof.get("decode_step")),
         )
         table.add_row(
             f"[bold]{decode['max_new_tokens']} tokens (one call)",
