@@ -179,3 +179,22 @@ def test_count_only_gives_fastvlm_s_cache_from_qwen2_s_published_shape():
 def test_the_cli_prints_the_decode_and_json_holds_it():
     record = run_json("tiny", "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0")
     assert record["decode"]["steps"] == 2 and record["run"]["max_new_tokens"] == 3
+
+
+def test_compile_mode_decodes_eagerly_and_says_so():
+    record = ablate.measure("tiny", mode="compile", max_new_tokens=2, repeats=1, warmup=0, threads=1)
+    assert record.decode.mode == "eager" and record.decode.per_token_ms.samples == 1
+    assert any("the decode ran eagerly" in sentence for sentence in record.execution.fallbacks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["eager", "cudagraph"])
+def test_decode_on_a_gpu(mode):
+    """The decode figures on a GPU, timed with CUDA events; in cudagraph mode the steps still run eagerly (not yet
+    captured: a static cache would be needed) and the record says so."""
+    record = ablate.measure("tiny", device="cuda", mode=mode, max_new_tokens=8, repeats=3, warmup=1)
+    assert record.execution.timer == "cuda-events" and record.decode.per_token_ms.median > 0
+    assert record.kv_cache.measured_bytes == record.kv_cache.bytes
+    assert record.roofline.stages["decode_step"].floor_ms > 0
+    assert (mode == "cudagraph") == any("the decode ran eagerly" in s for s in record.execution.fallbacks)
