@@ -133,3 +133,6 @@ def test_a_decode_grid_over_batch_sizes_and_reducers_plots_throughput(tmp_path, 
         assert_sane_png(out / f"{name}.png")
     html = (out / "throughput_vs_batch.html").read_text()
     assert "output tokens" in html and "reducer=avgpool" in html and "batch size" in html
+    capsys.readouterr()
+    assert main(["results", "--db", str(db)]) == 0
+    assert "ms/token" in capsys.readouterr().out  # the decode columns in the stored rows' table

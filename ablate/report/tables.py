@@ -228,7 +228,7 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
     column when no row failed."""
     table = Table(title=escape(title), title_justify="left")
     columns = ["#"] + (["key"] if show_key else []) + ["cell", "status", "visual tok", "TTFT ms", "encoder ms"]
-    columns += ["prefill ms", "GFLOPs", "params M", "peak MB", "flags"]
+    columns += ["prefill ms", "ms/token", "tokens/s", "GFLOPs", "params M", "peak MB", "flags"]
     accuracy = accuracy_columns(rows)
     columns += [column_header(path) for path in accuracy] + ["error"]
     labels = short_labels(rows)
@@ -245,6 +245,8 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
             _ms(value_at(record, "latency_ms.ttft")),
             _ms(value_at(record, "latency_ms.encoder")),
             _ms(value_at(record, "latency_ms.prefill")),
+            _ms(value_at(record, "decode.per_token_ms.median")),
+            _num(value_at(record, "throughput.output_tokens_per_s"), digits=1),
             _num(value_at(record, "flops.total"), 1e9, 1),
             _num(value_at(record, "params.total"), 1e6, 1),
             _num(record.get("peak_memory_mb")),
@@ -289,6 +291,9 @@ _HEADERS = {
     "flops.total": "GFLOPs",
     "params.total": "params M",
     "peak_memory_mb": "peak MB",
+    "decode.per_token_ms.median": "ms/token",
+    "throughput.output_tokens_per_s": "tokens/s",
+    "kv_cache.bytes": "KV bytes",
     "accuracy.exact_match": "exact match",
     "accuracy.anls": "ANLS",
     "accuracy.n": "scored",
