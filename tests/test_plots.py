@@ -10,7 +10,8 @@ from ablate.measurement.record import Record
 from ablate.report.plots import pareto_front, write_plots
 
 PLOTS = ("ttft_vs_tokens", "stage_latency", "encoder_vs_resolution")
-COUNT_PLOTS = ("flops_vs_tokens", "encoder_flops_vs_resolution", "params")
+COUNT_PLOTS = ("flops_vs_tokens", "encoder_flops_vs_resolution", "params", "kv_cache_vs_tokens")
+DECODE_PLOTS = ("throughput_vs_batch", "ttft_vs_time_per_token")  # rows with several batch sizes, decode timings
 
 
 def assert_sane_png(path) -> None:
@@ -47,7 +48,7 @@ def test_plot_writes_non_empty_png_and_html(grid_db, tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert_sane_png(png)
         text = html.read_text()
-        assert "plotly" in text.lower() and ("(ms)" in text or "FLOPs" in text or "millions" in text)  # units
+        assert "plotly" in text.lower() and any(unit in text for unit in ("(ms)", "FLOPs", "millions", "MiB"))
         assert "=None" not in text and "encoder.weights" not in text  # only the keys that vary and apply
     assert (out / "plotly.min.js").stat().st_size > 1_000_000  # offline: plotly.js beside the pages
     html = (out / "ttft_vs_tokens.html").read_text()
@@ -73,7 +74,8 @@ def test_plots_leave_out_rows_without_timings_and_tolerate_extra_fields(tmp_path
     assert sorted(path.name for path in files) == sorted(f"{n}.{ext}" for n in PLOTS for ext in ("png", "html"))
     assert notes[0] == "accuracy_vs_ttft: no row has an accuracy (`ablate eval --db` stores one)"
     assert notes[1] == "fidelity_vs_ttft: no row has a fidelity (`--fidelity` measures one)"
-    assert notes[2:] == [f"{name}: no row has FLOP counts" for name in COUNT_PLOTS]
+    assert [note.split(":")[0] for note in notes[2:4]] == list(DECODE_PLOTS)
+    assert notes[4:] == [f"{name}: no row has FLOP counts" for name in COUNT_PLOTS]
 
 
 def test_accuracy_vs_ttft_marks_the_pareto_front_and_chance(tmp_path):
@@ -121,3 +123,17 @@ def test_a_store_of_failed_cells_says_why_nothing_is_plotted(tmp_path, capsys):
         store.put("a", {**Record().to_dict(), "error": {"type": "X", "message": "m"}}, "a")
     assert main(["plot", "--db", str(tmp_path / "c.db"), "--out", str(tmp_path / "p")]) == 2
     assert "failed cells only" in capsys.readouterr().err
+
+
+def test_a_decode_grid_over_batch_sizes_and_reducers_plots_throughput(tmp_path, capsys):
+    db, out = tmp_path / "d.db", tmp_path / "p"
+    args = ["grid", "tiny", "batch_size=1,2", "reducer=none,avgpool", "--max-new-tokens", "3", "--db", str(db)]
+    assert main([*args, "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    assert main(["plot", "--db", str(db), "--out", str(out)]) == 0
+    for name in DECODE_PLOTS:
+        assert_sane_png(out / f"{name}.png")
+    html = (out / "throughput_vs_batch.html").read_text()
+    assert "output tokens" in html and "reducer=avgpool" in html and "batch size" in html
+    capsys.readouterr()
+    assert main(["results", "--db", str(db)]) == 0
+    assert "ms/token" in capsys.readouterr().out  # the decode columns in the stored rows' table

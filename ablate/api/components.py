@@ -416,10 +416,12 @@ class Connector(Component):
 @dataclass(frozen=True)
 class DecoderOutput:
     """logits: (B, vocab) for the token after the last position, or (B, T, vocab) when all were asked for.
-    loss: the mean next-token cross-entropy over positions whose label is not -100, when labels were given."""
+    loss: the mean next-token cross-entropy over positions whose label is not -100, when labels were given.
+    cache: the KV cache a prefill or decoding step wrote, for `Decoder.step` to go on with (None: not kept)."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    cache: Any = None
 
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (visual tokens, prompts), as in transformers
@@ -461,17 +463,24 @@ class Decoder(Component):
 
     A decoder that can drop visual tokens inside its prefill (for in-LLM reducers such as FastV) sets
     `prunes_in_prefill = True` and implements `prefill_pruned`; the default prefill path stays as it is.
+
+    A decoder that generates past the first token with a KV cache (`run.max_new_tokens`) sets `decodes = True`,
+    returns its cache in the prefill's DecoderOutput, implements `step` and `cache_bytes`, and sets `num_kv_heads`
+    and `head_dim`, from which the record computes the cache's size.
     """
 
     kind = "decoder"
     Config: ClassVar[type[DecoderConfig]] = DecoderConfig
     prunes_in_prefill: ClassVar[bool] = False
+    decodes: ClassVar[bool] = False
 
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
         self.hidden_size: int = 0
         self.vocab_size: int = 0
         self.num_layers: int = 0  # transformer layers (0: not known); in-LLM reducers check their layer against it
+        self.num_kv_heads: int = 0  # key/value heads per layer (0: not known)
+        self.head_dim: int = 0  # channels per key (and value) head (0: not known)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -509,6 +518,17 @@ class Decoder(Component):
         decoder hands that layer's `LayerStates` to it instead of computing the attention. Only decoders with
         `prunes_in_prefill = True` implement it.
         """
+        raise NotImplementedError
+
+    def step(self, input_ids: torch.Tensor, cache: Any, position: int) -> DecoderOutput:  # pragma: no cover
+        """One decoding step with the KV cache: (B, 1) ids of the last generated token, which sits at sequence
+        `position` (its RoPE position; after in-LLM pruning the original one), and the cache the prefill or the
+        previous step returned -> the next token's logits (B, vocab) and the cache with this token added. Unpadded
+        rows only. Only decoders with `decodes = True` implement it."""
+        raise NotImplementedError
+
+    def cache_bytes(self, cache: Any) -> int:  # pragma: no cover - interface
+        """Bytes the cache's key and value tensors hold (what `step` reads), as allocated."""
         raise NotImplementedError
 
 

@@ -668,6 +668,27 @@ class DecoderConformance(_Conformance):
             f"{component.name}: the loss does not reach the parameters"
         )
 
+    def test_a_decoding_step_continues_the_prefill(self):
+        """For a decoder that `decodes`: one `step` on the prefill's cache gives the logits a prefill over the
+        sequence with that token appended gives, and the cache's bytes are those of the tokens it holds."""
+        self.require_real_forward()
+        component = self.instance()
+        if not component.decodes:
+            pytest.skip(f"{component.name} does not decode with a KV cache (decodes = False)")
+        embeds = self.make_inputs(component, self.batch_size, self.seed)
+        with torch.no_grad():
+            first = component(embeds)
+            token = first.logits.argmax(dim=-1, keepdim=True)
+            assert first.cache is not None, (
+                f"{component.name}: the prefill must return its KV cache (DecoderOutput.cache)"
+            )
+            prefill_bytes = component.cache_bytes(first.cache)
+            stepped = component.step(token, first.cache, self.sequence_length).logits
+            longer = component(torch.cat([embeds, component.embed(token).to(embeds.dtype)], dim=1)).logits
+        assert tuple(stepped.shape) == (self.batch_size, component.vocab_size)
+        torch.testing.assert_close(stepped, longer, atol=1e-4, rtol=1e-4)
+        assert component.cache_bytes(first.cache) * self.sequence_length == prefill_bytes * (self.sequence_length + 1)
+
 
 # ------------------------------------------------------------------------------------------- registry
 

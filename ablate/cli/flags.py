@@ -52,6 +52,12 @@ RUN_FLAGS: dict[str, dict[str, Any]] = {
         const=True,
         help="first-token top-1 agreement and KL against the model without its reducer (run.fidelity)",
     ),
+    "max_new_tokens": dict(
+        type=int,
+        metavar="N",
+        help="also generate exactly N tokens with the KV cache (no stop at EOS) and time each (run.max_new_tokens, "
+        "default 0: TTFT only)",
+    ),
     "profile": dict(
         nargs="?",
         const="auto",

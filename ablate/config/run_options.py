@@ -84,6 +84,9 @@ class RunOptions:
     fidelity: bool = False  # also compare first-token logits with the model without its reducer (record["fidelity"])
     # A folder for the prepared stages' files and a manifest (`ablate export`): a runtime's graphs to carry elsewhere.
     export: str | None = None
+    # Also generate exactly this many tokens with the KV cache (no stop at EOS) and time them (record["decode"]);
+    # 0: time to first token only.
+    max_new_tokens: int = 0
 
     def dtype_of(self, kind: str) -> torch.dtype:
         return DTYPES[getattr(self.dtypes, kind) or self.dtype]
@@ -144,6 +147,12 @@ class RunOptions:
             raise ConfigError(
                 f"run.max_spread (--max-spread) is the fraction of the TTFT median its interquartile range may reach "
                 f"before the run is flagged, a positive number such as 0.2, not {self.max_spread!r}."
+            )
+        tokens = self.max_new_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0 or tokens == 1:
+            raise ConfigError(
+                f"run.max_new_tokens (--max-new-tokens) is how many tokens to generate and time after the prefill: 0 "
+                f"(time to first token only) or at least 2 (the first token is the prefill's), not {tokens!r}."
             )
         if self.warmup < 0:
             raise ConfigError(f"run.warmup (--warmup) must be 0 or more, not {self.warmup}.")

@@ -32,6 +32,7 @@ from ablate.measurement.counting import (
     token_summary,
     with_total,
 )
+from ablate.measurement.decoding import check_decodes, kv_cache, step_traffic, throughput, time_decode
 from ablate.measurement.export import write_export
 from ablate.measurement.fidelity import first_token_fidelity
 from ablate.measurement.machine import check_machine, environment, peak_memory
@@ -39,7 +40,7 @@ from ablate.measurement.modes import prepare, requested
 from ablate.measurement.profiling import profile_stages, trace_path
 from ablate.measurement.quantization import logits_fidelity, quantize, stored_bytes
 from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, LLMTokens, Params, Quantization, Record, Tokens
-from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes
+from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes, weight_bytes
 from ablate.measurement.timing import Progress, StageTimer, time_stages
 from ablate.model.build import build, default_dtype
 from ablate.model.vlm import STAGE_COMPONENT, VLM
@@ -161,6 +162,7 @@ def _plan(config: VLMConfig, record: Record, where: dict, registry: Registry) ->
         config = dataclasses.replace(config, input_size=list(load_image(config.run.image).size))
     where["stage"] = "counting on the meta device"
     meta_vlm = build(config, meta=True, registry=registry)
+    check_decodes(meta_vlm.decoder, config.run)
     _, _, vision_out = count_on_meta(record, meta_vlm, config)
     _count_only_notes(record, meta_vlm, vision_out, config)
 
@@ -190,6 +192,7 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         where["stage"] = "counting on the meta device"
         progress("counting on the meta device", 0, 1)
         meta_vlm = build(config, meta=True, registry=registry)
+        check_decodes(meta_vlm.decoder, options)
         counted, meta_ctx, vision_out = count_on_meta(record, meta_vlm, config)
         traffic = _traffic(counted, meta_ctx, record, config)
         if options.count_only:
@@ -261,6 +264,15 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
                     f"what trained weights keep. Load trained weights for a count that means something."
                 )
         _reducer_notes(record, meta_vlm, vision_out)
+        if options.max_new_tokens:
+            where["stage"] = "timing the decode"
+            record.decode, measured = time_decode(vlm, prepared.ctx, options, device, progress, record.latency_ms.ttft)
+            if record.kv_cache is not None:
+                record.kv_cache.measured_bytes = measured
+            traffic["decode_step"] = step_traffic(weight_bytes(vlm.decoder), record.kv_cache, record.decode)
+            if record.execution.used.mode != "eager":
+                _fall_back_decode(record)
+        record.throughput = throughput(record)
         record.roofline = roofline(record, traffic, peak, record.execution)
         if options.fidelity:
             where["stage"] = "measuring fidelity against the model without its reducer"
@@ -340,6 +352,15 @@ def _fill_counts(
         prefill = count_prefill_flops(meta_vlm, config.batch_size, summary["llm_input"], pruning, record.visual_tokens)
     record.flops = Flops(**with_total({**flops, "prefill": prefill}))
     record.llm_tokens = llm_tokens(meta_vlm.decoder.num_layers, record.visual_tokens, config.prompt_tokens, pruning)
+    record.kv_cache = kv_cache(
+        meta_vlm.decoder,
+        config.run.dtype_of("decoder"),
+        config.batch_size,
+        summary["llm_input"],
+        record.visual_tokens,
+        pruning,
+        config.run.max_new_tokens,
+    )
 
 
 def llm_tokens(layers: int, visual: int | None, prompt: int, pruning: DecoderPruning | None) -> LLMTokens:
@@ -350,6 +371,16 @@ def llm_tokens(layers: int, visual: int | None, prompt: int, pruning: DecoderPru
         [visual] * layers if pruning is None else [visual] * pruning.layer + [pruning.keep] * (layers - pruning.layer)
     )
     return LLMTokens(per_layer, sum(per_layer) / layers, sum(per_layer) + prompt * layers)
+
+
+def _fall_back_decode(record: Record) -> None:
+    sentence = (
+        f"the decode ran eagerly (vision stages, prefill and steps), not in {record.execution.used.mode} mode: "
+        f"decoding steps are not compiled or captured yet, so decode.end_to_end_ms is the eager path and may differ "
+        f"from latency_ms.ttft + steps x decode.per_token_ms by what the mode saves on the prefill."
+    )
+    record.execution.fallbacks.append(sentence)
+    record.notes.append(f"fallback: {sentence}")
 
 
 def _count_only_notes(record: Record, meta_vlm: VLM, vision_out: StageContext, config: VLMConfig) -> None:

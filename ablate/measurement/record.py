@@ -153,6 +153,98 @@ class Memory:
 
 
 @dataclass
+class Samples:
+    """Milliseconds of one timed quantity over its samples."""
+
+    median: float | None = doc("the median")
+    p90: float | None = doc("the 90th percentile (inclusive method)")
+    min: float | None = doc("the fastest sample")
+    spread: float | None = doc("the interquartile range (p75 - p25)")
+    samples: int | None = doc("how many samples")
+
+
+@dataclass
+class Decode:
+    """With `run.max_new_tokens`: generation after the prefill with the KV cache, timed at a fixed length."""
+
+    max_new_tokens: int | None = doc(
+        "output tokens per request, always exactly this many: no stop at an end-of-sequence id, so cells compare"
+    )
+    steps: int | None = doc("decoding steps per generation: max_new_tokens - 1 (the first token is the prefill's)")
+    cache: str | None = doc("the KV cache's type as the decoder keeps it (transformers: DynamicCache)")
+    mode: str | None = doc("how the steps ran (eager; execution.fallbacks says why when the run's mode is another)")
+    repeats: int | None = doc(
+        "timed generations after run.warmup untimed ones; each repeat generates once as one call and once step by step"
+    )
+    per_token_ms: Samples = doc(
+        "time per output token: one decoding step (the LLM on one new token with the cache, then the greedy pick), "
+        "every step of every timed repeat",
+        factory=Samples,
+    )
+    end_to_end_ms: Samples = doc(
+        "the whole generation as one call: the vision stages, the prefill and every step; what one request of the "
+        "batch waits for its answer",
+        factory=Samples,
+    )
+    predicted_end_to_end_ms: float | None = doc(
+        "latency_ms.ttft + steps x per_token_ms.median: what the split into prefill and decode predicts for "
+        "end_to_end_ms.median"
+    )
+    prefill_share: float | None = doc(
+        "latency_ms.ttft / end_to_end_ms.median: the share of the answer's time to its first token"
+    )
+    step_flops: int | None = doc(
+        "FLOPs of one decoding step for the batch (torch.utils.flop_counter on a real step at the cache's end length)"
+    )
+    seconds: float | None = doc("wall time of the decode timing, warm-up included")
+
+
+@dataclass
+class Throughput:
+    """Work per second for the whole batch (`batch_size` rows per call): the figures a batch-size sweep compares."""
+
+    images_per_s: float | None = doc("batch_size / latency_ms.ttft: images through to their first token per second")
+    output_tokens_per_s: float | None = doc(
+        "batch_size x max_new_tokens / decode.end_to_end_ms.median (with run.max_new_tokens)"
+    )
+    decode_tokens_per_s: float | None = doc(
+        "batch_size / decode.per_token_ms.median: tokens per second once the prefill is done"
+    )
+    request_latency_ms: float | None = doc(
+        "what each request of the batch waits for: decode.end_to_end_ms.median with run.max_new_tokens, else TTFT"
+    )
+
+
+@dataclass
+class KVCache:
+    """The KV cache, computed exactly from the decoder's shape: per layer and token it holds a key and a value of
+    kv_heads x head_dim numbers in the decoder's dtype."""
+
+    dtype: str | None = doc("the decoder's dtype, that of the cache")
+    layers: int | None = doc("the decoder's layers")
+    kv_heads: int | None = doc("key/value heads per layer (fewer than the query heads under grouped-query attention)")
+    head_dim: int | None = doc("channels per head")
+    bytes_per_token: int | None = doc(
+        "bytes one token of one row adds in every layer: 2 x layers x kv_heads x head_dim x the dtype's size"
+    )
+    tokens: int | None = doc(
+        "tokens per row the cache holds at the end of generation: tokens.llm_input + max_new_tokens - 1 (the last "
+        "token is never fed back; without run.max_new_tokens, the prefill's tokens.llm_input)"
+    )
+    pruned_layers: int | None = doc(
+        "layers that hold fewer tokens, those after an in-LLM reducer's layer K (FastV); 0 without one"
+    )
+    pruned_layer_tokens: int | None = doc("tokens per row those layers hold at the end (None without pruning)")
+    prefill_bytes: int | None = doc("for the batch, after the prefill (what the first token leaves behind)")
+    bytes: int | None = doc("for the batch, at the end of generation (the prefill's when max_new_tokens is 0)")
+    unpruned_bytes: int | None = doc("what `bytes` would be without in-LLM pruning (None without pruning)")
+    measured_bytes: int | None = doc(
+        "bytes of the cache's key and value tensors as allocated after the timed generation (the decoder's count); "
+        "None without a timed decode"
+    )
+
+
+@dataclass
 class ImageInfo:
     """The image the run measured."""
 
@@ -275,7 +367,8 @@ class Roofline:
     peak: Peak | None = doc("the device's peak")
     launch_bound_ratio: float = doc("eager / graph time from which a stage is flagged launch-bound", 2.0)
     stages: dict[str, StageRoofline | None] = doc(
-        "per stage (encoder, reducer, connector, prefill) and for ttft",
+        "per stage (encoder, reducer, connector, prefill), for ttft, and with run.max_new_tokens for decode_step (the "
+        "median step: the decoder's weights read once and the KV cache as the average step reads it)",
         factory=lambda: dict.fromkeys((*STAGES, "ttft")),
     )
 
@@ -375,6 +468,13 @@ class Record:
         "allocated by torch; CPU: the resident set); None under count-only (nothing allocated); see `memory`"
     )
     memory: Memory = doc("how peak_memory_mb was measured, and the baseline it leaves out", factory=Memory)
+    decode: Decode | None = doc("with run.max_new_tokens: generation after the prefill, timed per token and as a whole")
+    throughput: Throughput = doc(
+        "images and tokens per second for the batch, and the latency per request", factory=Throughput
+    )
+    kv_cache: KVCache | None = doc(
+        "the KV cache's size, computed from the decoder's shape and, when decoding, measured"
+    )
     encoder_form: str | None = doc("train or inference, for reparameterizable encoders (FastViT)")
     weights: list[str] = doc("what was loaded ('kind: path'); empty for random weights", factory=list)
     image: ImageInfo | None = doc("the image measured", metrics=False)

@@ -247,6 +247,14 @@ def roofline(record: Record, traffic: dict[str, dict | None], peak: Peak, execut
         measured_over_floor=_ratio(ttft, total["floor_ms"]),
         **_launch(eager_ms.get("ttft") if whole_graph else None, ttft),
     )
+    step = traffic.get("decode_step")
+    if record.decode is not None and step:
+        dtype = used.get("decoder") or requested.get("decoder") or "float32"
+        tflops = (peak.tflops or {}).get(dtype)
+        measured = record.decode.per_token_ms.median
+        stages["decode_step"] = _figures(
+            step["flops"], step["bytes"], None, tflops, peak.bandwidth_gbs, measured, None, dtype
+        )
     return Roofline(peak=peak, launch_bound_ratio=LAUNCH_BOUND_RATIO, stages=stages)
 
 

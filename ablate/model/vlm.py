@@ -113,6 +113,32 @@ class VLM(nn.Module):
         """The timed prefill: (B, vocab) logits of the first generated token."""
         return self.decode(ctx).logits
 
+    def start_decoding(self, ctx: StageContext) -> tuple[torch.Tensor, Any, int]:
+        """The prefill of `ctx` (the vision output) with its KV cache kept: the first generated ids (B, 1), the
+        cache, and the sequence position the first of them takes when it is fed back."""
+        out = self.decode(ctx)
+        if out.cache is None:
+            raise ConfigError(
+                f"decoder '{self.decoder.name}' returned no KV cache from its prefill: it cannot generate past the "
+                f"first token (run.max_new_tokens). Leave run.max_new_tokens at 0 for time to first token only."
+            )
+        return out.logits.argmax(dim=-1, keepdim=True), out.cache, ctx.input_ids.shape[1] - 1 + ctx.tokens.shape[1]
+
+    def next_token(self, ids: torch.Tensor, cache: Any, position: int) -> torch.Tensor:
+        """One greedy decoding step: (B, 1) ids at sequence `position` -> the next (B, 1) ids; the cache grows."""
+        return self.decoder.step(ids, cache, position).logits.argmax(dim=-1, keepdim=True)
+
+    def generate(self, ctx: StageContext, max_new_tokens: int) -> tuple[torch.Tensor, Any]:
+        """Exactly `max_new_tokens` greedy tokens after the vision output `ctx` (B, N ids), with the KV cache and no
+        stop at an end-of-sequence id (every run generates the same length), and the cache at the end: it holds
+        the prefill's tokens and every generated one but the last (that one is never fed back)."""
+        ids, cache, position = self.start_decoding(ctx)
+        generated = [ids]
+        for index in range(max_new_tokens - 1):
+            ids = self.next_token(ids, cache, position + index)
+            generated.append(ids)
+        return torch.cat(generated, dim=1), cache
+
     def vision_stages(self) -> list[tuple[str, Callable[[StageContext], StageContext]]]:
         """The vision-side stages in execution order."""
         if self.reducer.config.position == "after_connector":

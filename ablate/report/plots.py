@@ -9,10 +9,14 @@ From timed rows:
                             stored (a trained variant's accuracy and timing in one record)
     fidelity_vs_ttft        first-token KL against no reduction (run.fidelity) against TTFT with the Pareto front:
                             a token-reduction study's methods and budgets side by side
+    throughput_vs_batch     output tokens/s (rows with --max-new-tokens; else images/s) against batch_size, one line
+                            per cell with its batch size varied
+    ttft_vs_time_per_token  TTFT against the median time per output token (rows with --max-new-tokens)
 From every row with counts (count-only grids too):
     flops_vs_tokens         total FLOPs against visual tokens, with the Pareto front (as many tokens, fewer FLOPs)
     encoder_flops_vs_resolution   the encoder's FLOPs against input resolution, one line per encoder
     params                  parameters per component, one bar per distinct model
+    kv_cache_vs_tokens      the KV cache's size (computed) against visual tokens, with the Pareto front
 
 Cells are named by the config keys that vary between the rows plotted and apply to the cell
 (`ablate.report.labels`). In the token plots colour is the encoder (the first component that varies), the marker
@@ -146,9 +150,12 @@ def write_plots(
         ("encoder_vs_resolution", _encoder_vs_resolution, timed, timed_context),
         ("accuracy_vs_ttft", _accuracy_vs_ttft, timed, timed_context),
         ("fidelity_vs_ttft", _fidelity_vs_ttft, timed, timed_context),
+        ("throughput_vs_batch", _throughput_vs_batch, timed, timed_context),
+        ("ttft_vs_time_per_token", _ttft_vs_time_per_token, timed, timed_context),
         ("flops_vs_tokens", _flops_vs_tokens, counted, COUNTED),
         ("encoder_flops_vs_resolution", _encoder_flops_vs_resolution, counted, COUNTED),
         ("params", _params, counted, COUNTED),
+        ("kv_cache_vs_tokens", _kv_cache_vs_tokens, counted, COUNTED),
     ]
     for name, make, rows, context in plots:
         if not rows:
@@ -518,30 +525,111 @@ def _by_resolution(records, y_of, title, context, y_label, Figure, go):
     points = [r for r in records if resolution(r) and y_of(r) is not None]
     if len({resolution(r) for r in points}) < 2:
         return "the rows span fewer than two input resolutions"
+    x_label = "input resolution (px, square side), as it ran"
+    how = "Lower is better; each line one encoder."
+    return _lines(points, resolution, keys, "encoder", y_of, min, title, context, x_label, y_label, how, Figure, go)
+
+
+def _lines(points, x_of, keys, fallback, y_of, pick, title, context, x_label, y_label, how_to_read, Figure, go):
+    """Y against X, one line per cell label over `keys`; several points of one line at one X count once (`pick`)."""
     series: dict[str, dict[int, float]] = {}
     for record in points:
-        by_size = series.setdefault(cell_label(record, keys, fallback="encoder"), {})
-        size = resolution(record)
-        by_size[size] = min(by_size.get(size, float("inf")), y_of(record))
-    x_label = "input resolution (px, square side), as it ran"
-    figure, axes = _new_figure(Figure, title, context, "Lower is better; each line one encoder.")
-    log_y = _wide([y for by_size in series.values() for y in by_size.values()])
+        by_x = series.setdefault(cell_label(record, keys, fallback=fallback), {})
+        x = x_of(record)
+        by_x[x] = y_of(record) if x not in by_x else pick(by_x[x], y_of(record))
+    figure, axes = _new_figure(Figure, title, context, how_to_read)
+    log_y = _wide([y for by_x in series.values() for y in by_x.values()])
     if log_y:
         axes.set_yscale("log")
         _plain_log_labels(axes.yaxis)
     traces = []
-    for index, (name, by_size) in enumerate(series.items()):
-        xs = sorted(by_size)
-        ys = [by_size[x] for x in xs]
+    for index, (name, by_x) in enumerate(series.items()):
+        xs = sorted(by_x)
+        ys = [by_x[x] for x in xs]
         color = COLORS[index % len(COLORS)]
         axes.plot(xs, ys, "o-", color=color, label=_wrap(name))
         traces.append(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, marker={"color": color}))
+    axes.set_xticks(sorted({x for by_x in series.values() for x in by_x}))  # the values that ran, no fractions
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     _legend_below(figure)
-    layout = _plotly_layout(go, title, context, x_label, y_label, "Lower is better.")
+    layout = _plotly_layout(go, title, context, x_label, y_label, how_to_read)
     layout.yaxis.type = "log" if log_y else None
     return figure, go.Figure(traces, layout)
+
+
+def _throughput_vs_batch(records, context, Figure, go):
+    """Output tokens/s (with decode) or images/s (TTFT only) against batch_size, one line per other cell."""
+    path = "throughput.output_tokens_per_s"
+    if not any(_number(r, path) for r in records):
+        path = "throughput.images_per_s"
+    points = [r for r in records if isinstance(r.get("batch_size"), int) and _number(r, path)]
+    if len({r["batch_size"] for r in points}) < 2:
+        return "the rows span fewer than two batch sizes (sweep batch_size=1,2,4)"
+    keys = [key for key in varying_keys(points) if key != "batch_size"]
+    what = "output tokens/s, end to end" if path.endswith("tokens_per_s") else "images/s to the first token"
+    return _lines(
+        points,
+        lambda r: r["batch_size"],
+        keys,
+        "cells",
+        lambda r: _number(r, path),
+        max,
+        f"Throughput vs batch size ({what}): higher is better",
+        context,
+        "batch size (images and prompts per call)",
+        what,
+        "Higher is better; each line one cell, its batch size varied.",
+        Figure,
+        go,
+    )
+
+
+def _ttft_vs_time_per_token(records, context, Figure, go):
+    """TTFT against the median time per output token: where a cell's cost goes, prefill or decode."""
+    points = [r for r in records if _number(r, "decode.per_token_ms.median")]
+    if not points:
+        return "no timed row has decode timings (run with --max-new-tokens N)"
+    keys = varying_keys(points)
+    figure, axes = _new_figure(
+        Figure,
+        "TTFT vs time per output token: lower-left is faster in both",
+        context,
+        "Each point a cell; a token reducer moves a cell left (shorter prefill) more than down (decode reads the "
+        "weights at every step whatever the tokens).",
+    )
+    traces = []
+    for index, record in enumerate(points):
+        x, y = _number(record, "latency_ms.ttft"), _number(record, "decode.per_token_ms.median")
+        name = cell_label(record, keys, fallback="cell")
+        color = COLORS[index % len(COLORS)]
+        axes.scatter([x], [y], color=color, label=_wrap(name), zorder=3)
+        traces.append(go.Scatter(x=[x], y=[y], mode="markers", name=name, marker={"color": color, "size": 10}))
+    x_label, y_label = "TTFT (ms), median", "time per output token (ms), median"
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.grid(True, alpha=0.3)
+    _legend_below(figure)
+    return figure, go.Figure(traces, _plotly_layout(go, "TTFT vs time per output token", context, x_label, y_label))
+
+
+def _kv_cache_vs_tokens(records, context, Figure, go):
+    points = [r for r in records if isinstance(r.get("visual_tokens"), int) and _number(r, "kv_cache.bytes")]
+    if not points:
+        return "no row has a KV-cache size (a decoder that states its shape)"
+    return _token_plot(
+        points,
+        lambda r: _number(r, "kv_cache.bytes") / 2**20,
+        "KV-cache memory vs visual tokens: at equal tokens, lower holds less",
+        context,
+        "The cache after the prefill and run.max_new_tokens tokens, for the batch, computed from the decoder's shape "
+        "(in-LLM pruning included). Dashed: the Pareto front (better: right and down).",
+        "visual tokens per image (more: more image detail for the LLM)",
+        "KV cache (MiB), lower is better",
+        "Pareto front (most tokens for the memory)",
+        Figure,
+        go,
+    )
 
 
 def _encoder_vs_resolution(records, context, Figure, go):

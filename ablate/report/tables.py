@@ -111,7 +111,34 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         "",
         *_floor(roof.get("ttft")),
     )
+    decode = record.get("decode")
+    if decode:
+        table.add_section()
+        per_token, whole = decode["per_token_ms"], decode["end_to_end_ms"]
+        table.add_row(
+            f"decode step (x{decode['steps']})",
+            _ms(per_token["median"], 2),
+            _ms(per_token["min"], 2),
+            _ms(per_token["spread"], 2),
+            "1 out",
+            "-" if decode.get("step_flops") is None else f"{decode['step_flops'] / 1e9:,.2f}",
+            "",
+            *_floor(roof.get("decode_step")),
+        )
+        table.add_row(
+            f"[bold]{decode['max_new_tokens']} tokens (one call)",
+            f"[bold]{_ms(whole['median'], 2)}",
+            _ms(whole["min"], 2),
+            _ms(whole["spread"], 2),
+            f"{decode['max_new_tokens']} out",
+            "",
+            "",
+            "-",
+            "-",
+        )
     out.print(table)
+    if decode:
+        _print_decode(record, out)
     timing, memory = record["timing"], record["memory"]
     if timing["repeats"]:
         stop = "" if timing["stop"] == "repeats" else f", until {timing['stop']}"
@@ -165,6 +192,38 @@ def print_record(record: dict[str, Any], out: Console) -> None:
         _print_profile(record["profile"], out)
 
 
+def _print_decode(record: dict[str, Any], out: Console) -> None:
+    """The decode figures beside the table: the split's prediction, throughput and the KV cache."""
+    decode, rate, cache = record["decode"], record["throughput"], record.get("kv_cache")
+    per_token = decode["per_token_ms"]
+    out.print(
+        f"decode: {decode['max_new_tokens']} tokens, fixed length (no stop at EOS), {decode['cache']}, "
+        f"{decode['mode']}; per token median {_ms(per_token['median'], 2)} ms, p90 {_ms(per_token['p90'], 2)} ms; "
+        f"TTFT + {decode['steps']} x median = {_ms(decode['predicted_end_to_end_ms'], 1)} ms vs "
+        f"{_ms(decode['end_to_end_ms']['median'], 1)} ms measured",
+        highlight=False,
+    )
+    out.print(
+        f"throughput (batch {record['batch_size']}): {_num(rate['images_per_s'], digits=2)} images/s to the first "
+        f"token, {_num(rate['output_tokens_per_s'], digits=1)} output tokens/s end to end, "
+        f"{_num(rate['decode_tokens_per_s'], digits=1)} tokens/s decoding",
+        highlight=False,
+    )
+    if cache:
+        pruned = (
+            f", layers {cache['layers'] - cache['pruned_layers']}..{cache['layers'] - 1} hold "
+            f"{cache['pruned_layer_tokens']} (unpruned {_num(cache['unpruned_bytes'], 2**20, 2)} MiB)"
+            if cache["pruned_layers"]
+            else ""
+        )
+        out.print(
+            f"KV cache: {_num(cache['bytes_per_token'], 2**10, 1)} KiB per token x {cache['tokens']} tokens{pruned} = "
+            f"{_num(cache['bytes'], 2**20, 2)} MiB for the batch (measured {_num(cache['measured_bytes'], 2**20, 2)} "
+            f"MiB; after the prefill {_num(cache['prefill_bytes'], 2**20, 2)} MiB)",
+            highlight=False,
+        )
+
+
 def _floor(figures: dict[str, Any] | None) -> tuple[str, str]:
     """The roofline columns: floor ms and measured / floor (with a launch-bound mark)."""
     if not figures or figures["floor_ms"] is None:
@@ -198,7 +257,7 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
     column when no row failed."""
     table = Table(title=escape(title), title_justify="left")
     columns = ["#"] + (["key"] if show_key else []) + ["cell", "status", "visual tok", "TTFT ms", "encoder ms"]
-    columns += ["prefill ms", "GFLOPs", "params M", "peak MB", "flags"]
+    columns += ["prefill ms", "ms/token", "tokens/s", "GFLOPs", "params M", "peak MB", "flags"]
     accuracy = accuracy_columns(rows)
     columns += [column_header(path) for path in accuracy] + ["error"]
     labels = short_labels(rows)
@@ -215,6 +274,8 @@ def rows_table(rows: list, title: str, skipped: set[str] = frozenset(), show_key
             _ms(value_at(record, "latency_ms.ttft")),
             _ms(value_at(record, "latency_ms.encoder")),
             _ms(value_at(record, "latency_ms.prefill")),
+            _ms(value_at(record, "decode.per_token_ms.median")),
+            _num(value_at(record, "throughput.output_tokens_per_s"), digits=1),
             _num(value_at(record, "flops.total"), 1e9, 1),
             _num(value_at(record, "params.total"), 1e6, 1),
             _num(record.get("peak_memory_mb")),
@@ -259,6 +320,9 @@ _HEADERS = {
     "flops.total": "GFLOPs",
     "params.total": "params M",
     "peak_memory_mb": "peak MB",
+    "decode.per_token_ms.median": "ms/token",
+    "throughput.output_tokens_per_s": "tokens/s",
+    "kv_cache.bytes": "KV bytes",
     "accuracy.exact_match": "exact match",
     "accuracy.anls": "ANLS",
     "accuracy.n": "scored",

@@ -367,6 +367,7 @@ class HFCausalLM(Decoder):
 
     name = "hf-causal-lm"
     Config = HFCausalLMConfig
+    decodes = True  # `step` goes on from the prefill's transformers cache (a DynamicCache)
 
     @classmethod
     def resolve_config(cls, config: HFCausalLMConfig) -> HFCausalLMConfig:
@@ -407,9 +408,13 @@ class HFCausalLM(Decoder):
         self.lm = AutoModelForCausalLM.from_config(
             hf_config, attn_implementation=config.attn_implementation, dtype=torch.get_default_dtype()
         )
-        self.hidden_size = self.lm.config.hidden_size
-        self.vocab_size = self.lm.config.vocab_size
-        self.num_layers = self.lm.config.num_hidden_layers
+        text = self.lm.config
+        self.hidden_size = text.hidden_size
+        self.vocab_size = text.vocab_size
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self._cache_kwarg = _cache_key(self.lm)
 
     @classmethod
     def named_values(cls) -> dict[str, dict[str, str]]:
@@ -435,7 +440,23 @@ class HFCausalLM(Decoder):
         # use_cache: a real first token writes the KV cache that generation goes on with, so TTFT includes it.
         # logits_to_keep=1: only the last position's logits, as generate() computes them.
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        return DecoderOutput(logits=out.logits[:, -1])
+        return DecoderOutput(logits=out.logits[:, -1], cache=_output_cache(out))
+
+    def step(self, input_ids, cache, position: int) -> DecoderOutput:
+        """See `Decoder.step`: transformers' own forward on the cache, as a hand-written generation loop calls it.
+        A cache pruned in the prefill (its layers hold different lengths) steps through the layers here instead:
+        transformers builds one mask for every layer, from the first layer's length."""
+        positions = torch.full((input_ids.shape[0], 1), position, dtype=torch.long, device=input_ids.device)
+        if len(set(_layer_lengths(cache))) > 1:
+            hidden = self._run_layers(self.lm.model.layers, self.embed(input_ids), positions, cache, mask=False)
+            return DecoderOutput(logits=self.lm.lm_head(self.lm.model.norm(hidden))[:, -1], cache=cache)
+        out = self.lm(
+            input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
+        )
+        return DecoderOutput(logits=out.logits[:, -1], cache=_output_cache(out))
+
+    def cache_bytes(self, cache) -> int:
+        return sum(t.numel() * t.element_size() for layer in _cache_layers(cache) for t in layer)
 
     def prefill_pruned(self, inputs_embeds, visual_positions, pruning: DecoderPruning, *, attention_mask=None):
         """See `Decoder.prefill_pruned`. The KV cache of layers >= pruning.layer holds only the kept tokens."""
@@ -450,22 +471,11 @@ class HFCausalLM(Decoder):
             )
         model, batch, length = self.lm.model, inputs_embeds.shape[0], inputs_embeds.shape[1]
         layers = model.layers
-        cache_key = "cache" if "cache" in inspect.signature(layers[0].forward).parameters else "past_key_values"
         hidden, cache = inputs_embeds, DynamicCache()
         positions = torch.arange(length, device=hidden.device).expand(batch, -1)
 
         def run(chosen_layers, hidden, positions):
-            shared = dict(  # what the transformers model hands every layer: RoPE of the positions, causal attention
-                attention_mask=self._causal_mask(hidden),
-                position_ids=positions,
-                position_embeddings=model.rotary_emb(hidden, positions),
-                use_cache=True,
-                **{cache_key: cache},
-            )
-            for layer in chosen_layers:
-                out = layer(hidden, **shared)
-                hidden = out[0] if isinstance(out, tuple) else out
-            return hidden
+            return self._run_layers(chosen_layers, hidden, positions, cache)
 
         hidden = run(layers[: pruning.layer - 1], hidden, positions)
         if pruning.select_states is not None:  # DART-style: the layer's states, read from its output and its cache
@@ -481,7 +491,23 @@ class HFCausalLM(Decoder):
         hidden, positions = self._keep(hidden, positions, visual_positions, chosen)
         hidden = run(layers[pruning.layer :], hidden, positions)
         logits = self.lm.lm_head(model.norm(hidden[:, -1:]))
-        return DecoderOutput(logits=logits[:, -1])
+        return DecoderOutput(logits=logits[:, -1], cache=cache)
+
+    def _run_layers(self, layers, hidden, positions, cache, mask: bool = True):
+        """`hidden` through `layers` as the transformers model hands them over: RoPE of `positions`, the cache, and
+        causal attention (`mask=False`: none, for one new token that sees every cached one)."""
+        model = self.lm.model
+        shared = dict(
+            attention_mask=self._causal_mask(hidden) if mask else None,
+            position_ids=positions,
+            position_embeddings=model.rotary_emb(hidden, positions),
+            use_cache=True,
+            **{_cache_key(model.layers[0]): cache},
+        )
+        for layer in layers:
+            out = layer(hidden, **shared)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
     def _causal_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.config.attn_implementation == "sdpa":
@@ -557,6 +583,26 @@ class _last_row_attention:
     def __exit__(self, *exc) -> None:
         self.attention.config = self.original
         _PROBES.pop(self.attention, None)
+
+
+def _output_cache(out):
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _cache_key(module: nn.Module) -> str:
+    """What the module's forward calls the cache: `cache` in transformers 5, `past_key_values` in 4.x."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) of a transformers cache (`layers` in transformers 5, `key_cache` lists in 4.x)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _layer_lengths(cache) -> list[int]:
+    return [keys.shape[-2] for keys, _ in _cache_layers(cache)]
 
 
 def _directory_config(path: str):
