@@ -69,6 +69,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 # (arguments, expected exit code, a phrase of the message). {root}, {huge}, ... are filled from `files`.
 BAD_INPUT = [
+    (["run", "tiny", "encoder.image_size={a"], 2, "Cannot parse the value of override 'encoder.image_size={a' as YAML"),
+    (["grid", "tiny", "reducer={name: x"], 2, "Cannot parse the value of override 'reducer={name: x' as YAML"),
     (["run", "tiny", "--threads", "-1"], 2, "run.threads (--threads) must be at least 1, not -1"),
     (["run", "tiny", "--threads", "0"], 2, "run.threads (--threads) must be at least 1, not 0"),
     (["run", "tiny", "--threads", "100000"], 2, "this machine's CPU count"),

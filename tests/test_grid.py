@@ -41,6 +41,15 @@ def test_command_line_sweeps_are_a_cartesian_product_in_order():
     assert load_grid("fastvlm-0.5b", ["prompt_tokens=4,8"], {"count_only": True}).name == "fastvlm-0.5b"
 
 
+def test_a_command_line_sweep_of_whole_components_as_yaml_mappings():
+    grid = load_grid("tiny", ["reducer={name: random, tokens: 2},{name: avgpool, tokens: 1}"])
+    assert [cell.values["reducer"] for cell in grid.cells] == [
+        {"name": "random", "tokens": 2},
+        {"name": "avgpool", "tokens": 1},
+    ]
+    assert not any(cell.error for cell in grid.cells) and len({cell.key for cell in grid.cells}) == 2
+
+
 def test_a_cell_key_is_the_hash_of_its_resolved_config_run_section_included():
     grid = load_grid("tiny", ["encoder.image_size=128,192"], {"repeats": 3})
     expected = config_hash(load_config("tiny", ["encoder.image_size=192"], run={"repeats": 3}).to_dict())

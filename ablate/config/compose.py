@@ -210,8 +210,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"Override '{text}' has an empty key part. Example: encoder.image_size=512.")
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"Cannot parse the value of override '{text}': {first_line(exc)}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"Cannot parse the value of override '{text}' as YAML: {first_line(exc)}. Quote text with commas or "
+            f"braces, e.g. key='\"a,b\"'."
+        ) from None
     return [part.strip() for part in parts], value
 
 

@@ -122,8 +122,9 @@ def parse_cli(overrides: Iterable[str]) -> tuple[dict[str, list[Any]], dict[str,
     swept: dict[str, list[Any]] = {}
     fixed: dict[str, Any] = {}
     for text in overrides:
-        key = ".".join(parse_override(text)[0])
-        raw = text.partition("=")[2]
+        name, equals, raw = text.partition("=")
+        # the key alone first: the whole value (`{a: 1},{a: 2}`) is no YAML until split
+        key = ".".join(parse_override(f"{name}=" if equals else text)[0])
         values = [parse_override(f"{key}={part}")[1] for part in split_values(raw)]
         if any(part.strip() == "" for part in split_values(raw)) and len(values) > 1:
             raise ConfigError(f"Sweep '{text}' has an empty value between commas. Example: {key}=256,512.")
