@@ -575,7 +575,7 @@ def _throughput_vs_batch(records, context, Figure, go):
         "cells",
         lambda r: _number(r, path),
         max,
-        f"Throughput vs batch size ({what}): higher is better",
+        f"Throughput vs batch size ({what})",
         context,
         "batch size (images and prompts per call)",
         what,
