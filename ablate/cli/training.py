@@ -52,7 +52,9 @@ def add_commands(sub, parser_class) -> None:
     evaluate.add_argument("--split", default="test.json", help="evaluation file in the data folder (default test.json)")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N records only")
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions answered at once (default 16)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
+    evaluate.add_argument(  # not run.max_new_tokens (decode timing): the answer's length
+        "--max-new-tokens", dest="answer_tokens", type=int, default=16, help="longest answer generated (default 16)"
+    )
     evaluate.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
     evaluate.add_argument(
         "--db", help="also store the record in this results store, beside grid cells (`ablate results`, `ablate plot`)"
@@ -127,7 +129,7 @@ def cmd_eval(args) -> int:
                 split=args.split,
                 limit=args.limit,
                 batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=args.answer_tokens,
                 skip_bad=args.skip_bad,
                 **run_options(args),
             )
