@@ -383,7 +383,7 @@ def test_llm_tokens_count_every_reducer_one_way():
         assert record["llm_tokens"] == {
             "visual_per_layer": per_layer,
             "visual_layer_average": sum(per_layer) / 4,
-            "kv_cache": sum(per_layer) + 8 * 4,
+            "kv_positions": sum(per_layer) + 8 * 4,
         }, options
 
 
@@ -405,7 +405,7 @@ def test_the_reducers_view_is_a_papers_table(tmp_path):
         "reducer.tokens",
         "encoder",
         "llm_tokens.visual_layer_average",
-        "llm_tokens.kv_cache",
+        "llm_tokens.kv_positions",
     ]
     averages = {row["reducer"]: row["llm_tokens.visual_layer_average"] for row in table["rows"]}
     assert averages == {"random": 2.0, "divprune": 2.0, "dart": 3.0}  # dart: 4 tokens in layer 0, 2 in layer 1

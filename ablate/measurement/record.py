@@ -67,8 +67,9 @@ class LLMTokens:
     visual_layer_average: float | None = doc(
         "their mean over the layers: the count FastV, SparseVLM and DART report (the LLM's input for the others)"
     )
-    kv_cache: int | None = doc(
-        "token positions the KV cache holds after the prefill, visual and prompt, summed over the layers"
+    kv_positions: int | None = doc(
+        "token positions the KV cache holds after the prefill, visual and prompt, summed over the layers "
+        "(its bytes: the kv_cache block)"
     )
 
 

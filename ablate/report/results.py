@@ -46,7 +46,7 @@ VIEWS = {
         "encoder",
         "encoder.target_tokens",
         "llm_tokens.visual_layer_average",
-        "llm_tokens.kv_cache",
+        "llm_tokens.kv_positions",
         "latency_ms.reducer",
         "latency_ms.ttft",
         "fidelity.top1_agreement",
