@@ -177,6 +177,9 @@ def with_tensors(template: Any, tensors: list[torch.Tensor]) -> Any:
     return replace(template, **changes)
 
 
+FLOAT32_GRAPH_DTYPES = (torch.float32, torch.int64, torch.int32, torch.bool)  # a float32 graph's tensors
+
+
 class FlatStage(nn.Module):
     """A stage as a function of plain tensors, what a graph exporter takes (torch.onnx.export, openvino).
 
@@ -198,6 +201,14 @@ class FlatStage(nn.Module):
         # A graph's names are unique: an output named like an input (the tokens a connector maps) gets `_out`.
         names = [tensor_names(stage.output)[i] for i in self.computed]
         self.output_names = [f"{name}_out" if name in self.input_names else name for name in names]
+
+    def require_float32(self, runtime: str) -> None:
+        """Fall back (StageFallback) unless the stage's tensors and weights are what a float32 graph holds."""
+        tensors = self.inputs + tensors_of(self.stage.output)
+        odd = {str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype not in FLOAT32_GRAPH_DTYPES}
+        odd |= {str(p.dtype).removeprefix("torch.") for p in self.module.parameters()} - {"float32"}
+        if odd:
+            raise StageFallback(f"its tensors are {', '.join(sorted(odd))}, and {runtime} runs float32")
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = tensors_of(self.stage.run(with_tensors(self.stage.example, list(tensors))))

@@ -17,8 +17,6 @@ import torch
 
 from ablate.api import FlatStage, Runtime, RuntimeStage, StageFallback, first_line, hookimpl, tensors_of
 
-EXPORTABLE = (torch.float32, torch.int64, torch.int32, torch.bool)
-
 
 class ExecuTorchRuntime(Runtime):
     """ExecuTorch: each stage lowered to the XNNPACK delegate and run from its .pte program (CPU)."""
@@ -37,11 +35,7 @@ class ExecuTorchRuntime(Runtime):
         if stage.device.type != "cpu":
             raise StageFallback(f"this runtime runs on the CPU, and the run's device is {stage.device.type}")
         flat = FlatStage(stage)
-        tensors = flat.inputs + tensors_of(stage.output)
-        odd = {str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype not in EXPORTABLE}
-        odd |= {str(p.dtype).removeprefix("torch.") for p in stage.module.parameters()} - {"float32"}
-        if odd:
-            raise StageFallback(f"its tensors are {', '.join(sorted(odd))}, and this runtime runs float32")
+        flat.require_float32("this runtime")
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         from executorch.runtime import Runtime as Loader

@@ -15,8 +15,6 @@ import torch
 
 from ablate.api import FlatStage, Runtime, RuntimeStage, StageFallback, first_line, hookimpl, tensors_of
 
-EXPORTABLE = (torch.float32, torch.int64, torch.int32, torch.bool)
-
 
 class OpenVinoRuntime(Runtime):
     """OpenVINO: each stage converted with openvino.convert_model and compiled for the CPU (float32)."""
@@ -37,11 +35,7 @@ class OpenVinoRuntime(Runtime):
         if stage.device.type != "cpu":
             raise StageFallback(f"this runtime compiles for the CPU, and the run's device is {stage.device.type}")
         flat = FlatStage(stage)
-        tensors = flat.inputs + tensors_of(stage.output)
-        odd = {str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype not in EXPORTABLE}
-        odd |= {str(p.dtype).removeprefix("torch.") for p in stage.module.parameters()} - {"float32"}
-        if odd:
-            raise StageFallback(f"its tensors are {', '.join(sorted(odd))}, and this runtime runs float32")
+        flat.require_float32("this runtime")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notices about constants: our shapes are fixed
