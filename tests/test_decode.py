@@ -12,7 +12,7 @@ import ablate
 from ablate.api.components import DECODER_PRUNING, DecoderPruning
 from ablate.api.registry import get_registry
 from ablate.config.compose import load_config
-from ablate.measurement.decoding import kv_cache
+from ablate.measurement.decoding import EagerDecoding, StaticDecoding, kv_cache
 from ablate.model.build import build
 from ablate.train.evaluation import generate as generate_without_cache
 from ablate_plugins.decoders.hf_causal_lm import HFCausalLM, HFCausalLMConfig
@@ -181,20 +181,71 @@ def test_the_cli_prints_the_decode_and_json_holds_it():
     assert record["decode"]["steps"] == 2 and record["run"]["max_new_tokens"] == 3
 
 
-def test_compile_mode_decodes_eagerly_and_says_so():
-    record = ablate.measure("tiny", mode="compile", max_new_tokens=2, repeats=1, warmup=0, threads=1)
-    assert record.decode.mode == "eager" and record.decode.per_token_ms.samples == 1
-    assert any("the decode ran eagerly" in sentence for sentence in record.execution.fallbacks)
+@pytest.mark.parametrize("arch", ["qwen2-tiny", "qwen3-tiny"])
+def test_decoding_into_a_static_cache_picks_the_tokens_the_eager_loop_picks(arch):
+    """The static path (what compile and cudagraph modes compile or capture), run eagerly: same greedy tokens as the
+    decoder's own growing cache for a batch, logits within float32 rounding, and exactly the computed bytes."""
+    vlm, config = tiny_vlm(f"decoder.arch={arch}")
+    with torch.inference_mode():
+        out, _, ids = vision_output(vlm)
+        eager = EagerDecoding(vlm)
+        eager.prefill(out)
+        expected = [eager.step() for _ in range(TOKENS - 1)]
+        prefill = ids.shape[1] - 1 + out.tokens.shape[1]
+        cache = vlm.decoder.static_cache(2, prefill + TOKENS - 1, torch.float32, torch.device("cpu"))
+        static = StaticDecoding(vlm, out, cache, vlm.image_position(ids), prefill + TOKENS - 1)
+        for _ in range(2):  # a second generation rewinds the cache: the same again
+            static.prefill(out)
+            got = [static.step() for _ in range(TOKENS - 1)]
+    assert static.position.tolist() == [[prefill + TOKENS - 1]] * 2
+    for step, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(step, reference, atol=1e-5, rtol=1e-5)
+        assert torch.equal(step.argmax(-1), reference.argmax(-1))
+    computed = kv_cache(vlm.decoder, torch.float32, 2, prefill, out.tokens.shape[1], None, TOKENS)
+    assert vlm.decoder.cache_bytes(cache) == tensor_bytes(cache) == computed.bytes
+
+
+def test_compile_mode_compiles_the_decoding_step_on_a_static_cache():
+    record = ablate.measure("tiny", ["batch_size=2"], mode="compile", max_new_tokens=4, repeats=2, warmup=1, threads=1)
+    decode, cache = record.decode, record.kv_cache
+    assert (decode.mode, decode.cache, decode.static_length) == ("compile", "StaticCache", cache.tokens)
+    assert decode.deviation_from_eager < 1e-4 and decode.setup_s > 0
+    assert not any("decode" in sentence for sentence in record.execution.fallbacks)
+    assert cache.measured_bytes == cache.bytes  # sized for exactly the run's tokens
+    assert decode.per_token_ms.samples == 2 * 3 and decode.per_token_ms.median > 0
+    # a static step attends over the whole cache: its roofline reads all of it, every step
+    step = record.roofline.stages["decode_step"]
+    assert step.bytes > cache.bytes and step.measured_ms == decode.per_token_ms.median
+
+
+def test_compile_mode_decodes_in_llm_pruning_eagerly_and_says_why():
+    record = ablate.measure(
+        "tiny",
+        ["reducer.name=fastv", "reducer.layer=1", "reducer.tokens=1"],
+        mode="compile",
+        max_new_tokens=2,
+        repeats=1,
+        warmup=0,
+        threads=1,
+    )
+    assert (record.decode.mode, record.decode.cache) == ("eager", "DynamicCache")
+    assert any(
+        "the decode ran eagerly, not in compile mode: in-LLM pruning" in sentence
+        for sentence in record.execution.fallbacks
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["eager", "cudagraph"])
 def test_decode_on_a_gpu(mode):
-    """The decode figures on a GPU, timed with CUDA events; in cudagraph mode the steps still run eagerly (not yet
-    captured: a static cache would be needed) and the record says so."""
+    """The decode figures on a GPU, timed with CUDA events; in cudagraph mode the prefill into a static cache and
+    the step are CUDA graphs, and each timed step is one graph replay."""
     record = ablate.measure("tiny", device="cuda", mode=mode, max_new_tokens=8, repeats=3, warmup=1)
     assert record.execution.timer == "cuda-events" and record.decode.per_token_ms.median > 0
     assert record.kv_cache.measured_bytes == record.kv_cache.bytes
     assert record.roofline.stages["decode_step"].floor_ms > 0
-    assert (mode == "cudagraph") == any("the decode ran eagerly" in s for s in record.execution.fallbacks)
+    assert record.decode.mode == mode
+    assert not any("decode" in sentence for sentence in record.execution.fallbacks)
+    if mode == "cudagraph":
+        assert record.decode.cache == "StaticCache" and record.decode.deviation_from_eager < 1e-4

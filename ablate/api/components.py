@@ -466,7 +466,9 @@ class Decoder(Component):
 
     A decoder that generates past the first token with a KV cache (`run.max_new_tokens`) sets `decodes = True`,
     returns its cache in the prefill's DecoderOutput, implements `step` and `cache_bytes`, and sets `num_kv_heads`
-    and `head_dim`, from which the record computes the cache's size.
+    and `head_dim`, from which the record computes the cache's size. To decode in compile and cudagraph modes it
+    also implements `static_cache`: a cache of fixed shape that the prefill (`forward(..., cache=)`) fills and each
+    `step` updates in place, so one compiled graph or one CUDA graph serves every step.
     """
 
     kind = "decoder"
@@ -492,11 +494,14 @@ class Decoder(Component):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         all_logits: bool = False,
+        cache: Any = None,
     ) -> DecoderOutput:  # pragma: no cover - interface
         """(B, T, hidden) -> DecoderOutput.
 
         Default (prefill): the first generated token's logits (B, vocab), writing the KV cache as generation would.
-        `all_logits=True`: (B, T, vocab). `labels` (B, T): also the loss, with all logits (training).
+        `all_logits=True`: (B, T, vocab). `labels` (B, T): also the loss, with all logits (training). `cache`: a
+        cache from `static_cache` to write the prefill into, from its first position on (whatever it held before is
+        overwritten); None: a new cache of the decoder's own kind.
         """
         raise NotImplementedError
 
@@ -520,12 +525,20 @@ class Decoder(Component):
         """
         raise NotImplementedError
 
-    def step(self, input_ids: torch.Tensor, cache: Any, position: int) -> DecoderOutput:  # pragma: no cover
+    def step(
+        self, input_ids: torch.Tensor, cache: Any, position: int | torch.Tensor
+    ) -> DecoderOutput:  # pragma: no cover
         """One decoding step with the KV cache: (B, 1) ids of the last generated token, which sits at sequence
         `position` (its RoPE position; after in-LLM pruning the original one), and the cache the prefill or the
         previous step returned -> the next token's logits (B, vocab) and the cache with this token added. Unpadded
-        rows only. Only decoders with `decodes = True` implement it."""
+        rows only. Only decoders with `decodes = True` implement it. `position` is an int, or a (B, 1) long tensor
+        on the ids' device (static decoding passes one, so that a compiled or captured step does not bake it in)."""
         raise NotImplementedError
+
+    def static_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
+        """A KV cache of fixed shape holding `length` tokens per row, allocated now on `device`, or None when this
+        decoder cannot decode into one (then compile and cudagraph modes decode eagerly, and say so)."""
+        return None
 
     def cache_bytes(self, cache: Any) -> int:  # pragma: no cover - interface
         """Bytes the cache's key and value tensors hold (what `step` reads), as allocated."""

@@ -689,6 +689,36 @@ class DecoderConformance(_Conformance):
         torch.testing.assert_close(stepped, longer, atol=1e-4, rtol=1e-4)
         assert component.cache_bytes(first.cache) * self.sequence_length == prefill_bytes * (self.sequence_length + 1)
 
+    def test_a_static_cache_decodes_as_the_growing_one(self):
+        """For a decoder with a `static_cache` (compile and cudagraph modes decode into it): the prefill written into
+        it (twice: a second prefill overwrites the first) and two steps with tensor positions give the logits of
+        the decoder's own cache, and its bytes are those of the length it was made for."""
+        self.require_real_forward()
+        component = self.instance()
+        if not component.decodes:
+            pytest.skip(f"{component.name} does not decode with a KV cache (decodes = False)")
+        embeds = self.make_inputs(component, self.batch_size, self.seed)
+        length, dtype = self.sequence_length + 2, embeds.dtype
+        with torch.no_grad():
+            static = component.static_cache(self.batch_size, length, dtype, embeds.device)
+            if static is None:
+                pytest.skip(f"{component.name} has no static cache (static_cache returns None): it decodes eagerly")
+            grown = component(embeds)
+            component(torch.flip(embeds, dims=[1]), cache=static)  # overwritten by the next prefill
+            fixed = component(embeds, cache=static)
+            torch.testing.assert_close(fixed.logits, grown.logits, atol=1e-4, rtol=1e-4)
+            token = grown.logits.argmax(dim=-1, keepdim=True)
+            for offset in range(2):
+                position = torch.full((self.batch_size, 1), self.sequence_length + offset, dtype=torch.long)
+                expected = component.step(token, grown.cache, self.sequence_length + offset).logits
+                got = component.step(token, static, position).logits
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+                token = expected.argmax(dim=-1, keepdim=True)
+        per_token = component.cache_bytes(grown.cache) // (self.sequence_length + 2)
+        assert component.cache_bytes(static) == per_token * length, (
+            f"{component.name}: cache_bytes(static cache) must count the {length} tokens it was made for"
+        )
+
 
 # ------------------------------------------------------------------------------------------- registry
 

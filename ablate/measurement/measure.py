@@ -266,12 +266,15 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         _reducer_notes(record, meta_vlm, vision_out)
         if options.max_new_tokens:
             where["stage"] = "timing the decode"
-            record.decode, measured = time_decode(vlm, prepared.ctx, options, device, progress, record.latency_ms.ttft)
+            record.decode, measured, fallback = time_decode(
+                vlm, prepared, options, device, progress, record.latency_ms.ttft
+            )
             if record.kv_cache is not None:
                 record.kv_cache.measured_bytes = measured
             traffic["decode_step"] = step_traffic(weight_bytes(vlm.decoder), record.kv_cache, record.decode)
-            if record.execution.used.mode != "eager":
-                _fall_back_decode(record)
+            if fallback is not None:
+                record.execution.fallbacks.append(fallback)
+                record.notes.append(f"fallback: {fallback}")
         record.throughput = throughput(record)
         record.roofline = roofline(record, traffic, peak, record.execution)
         if options.fidelity:
@@ -371,16 +374,6 @@ def llm_tokens(layers: int, visual: int | None, prompt: int, pruning: DecoderPru
         [visual] * layers if pruning is None else [visual] * pruning.layer + [pruning.keep] * (layers - pruning.layer)
     )
     return LLMTokens(per_layer, sum(per_layer) / layers, sum(per_layer) + prompt * layers)
-
-
-def _fall_back_decode(record: Record) -> None:
-    sentence = (
-        f"the decode ran eagerly (vision stages, prefill and steps), not in {record.execution.used.mode} mode: "
-        f"decoding steps are not compiled or captured yet, so decode.end_to_end_ms is the eager path and may differ "
-        f"from latency_ms.ttft + steps x decode.per_token_ms by what the mode saves on the prefill."
-    )
-    record.execution.fallbacks.append(sentence)
-    record.notes.append(f"fallback: {sentence}")
 
 
 def _count_only_notes(record: Record, meta_vlm: VLM, vision_out: StageContext, config: VLMConfig) -> None:

@@ -241,7 +241,7 @@ def _time_eager(vlm, ctx: StageContext, repeats: int, device: torch.device) -> d
 # ---------------------------------------------------------------------------------------------- compile
 
 
-def _inductor_settings(device: torch.device):
+def inductor_settings(device: torch.device):
     """Freezing (CPU): weights become constants that inductor folds and prepacks for oneDNN, and convolutions fuse
     with their activations. It is read when a graph compiles, i.e. at the first call, so it wraps that call."""
     import torch._inductor.config as inductor_config
@@ -262,7 +262,7 @@ def _compile(vlm, ctx, reference, entry, notes, device, progress):
         compiled = torch.compile(stage, dynamic=False)
         breaks = _graph_break_count()
         try:
-            with _inductor_settings(device):
+            with inductor_settings(device):
                 result = compiled(out)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run this stage eagerly, and say why
             result = stage(out)  # an eager failure is the plugin's bug and propagates as such
@@ -390,12 +390,17 @@ class Replay:
         return self.static_output
 
 
-def capture(fn: Callable[[Any], Any], static_input: Any, pool) -> tuple[Any, Any]:
-    """A CUDA graph of `fn(static_input)`, after warm-up calls on a side stream (as torch.cuda.graphs requires)."""
+def capture(
+    fn: Callable[[Any], Any], static_input: Any, pool, before: Callable[[], Any] | None = None
+) -> tuple[Any, Any]:
+    """A CUDA graph of `fn(static_input)`, after warm-up calls on a side stream (as torch.cuda.graphs requires);
+    `before` runs ahead of each warm-up call (e.g. to rewind the state a decoding step advances)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(GRAPH_WARMUP):
+            if before is not None:
+                before()
             fn(static_input)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -466,4 +471,4 @@ def _capture(vlm, ctx, reference, entry, notes, device, progress):
     return stages, lambda c: _run_stages(stages, c)["prefill"]
 
 
-__all__ = ["Prepared", "Replay", "capture", "prepare", "requested", "syncs_with_host"]
+__all__ = ["Prepared", "Replay", "capture", "inductor_settings", "prepare", "requested", "syncs_with_host"]

@@ -172,8 +172,19 @@ class Decode:
         "output tokens per request, always exactly this many: no stop at an end-of-sequence id, so cells compare"
     )
     steps: int | None = doc("decoding steps per generation: max_new_tokens - 1 (the first token is the prefill's)")
-    cache: str | None = doc("the KV cache's type as the decoder keeps it (transformers: DynamicCache)")
-    mode: str | None = doc("how the steps ran (eager; execution.fallbacks says why when the run's mode is another)")
+    cache: str | None = doc("the KV cache's type as the decoder keeps it (transformers: DynamicCache, StaticCache)")
+    mode: str | None = doc(
+        "how the prefill into the cache and the steps ran: eager, compile or cudagraph (execution.fallbacks says why "
+        "when it is not the run's mode)"
+    )
+    static_length: int | None = doc(
+        "compile and cudagraph: the static cache's length in tokens (prefill + steps); every step attends over all "
+        "of it, the positions not yet written masked"
+    )
+    deviation_from_eager: float | None = doc(
+        "compile and cudagraph: max relative deviation of the first step's logits from the eager loop's"
+    )
+    setup_s: float | None = doc("compile and cudagraph: seconds to compile or capture the prefill and the step")
     repeats: int | None = doc(
         "timed generations after run.warmup untimed ones; each repeat generates once as one call and once step by step"
     )

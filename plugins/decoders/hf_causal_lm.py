@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -367,7 +367,7 @@ class HFCausalLM(Decoder):
 
     name = "hf-causal-lm"
     Config = HFCausalLMConfig
-    decodes = True  # `step` goes on from the prefill's transformers cache (a DynamicCache)
+    decodes = True  # `step` goes on from the prefill's transformers cache (a DynamicCache, or a StaticCache)
 
     @classmethod
     def resolve_config(cls, config: HFCausalLMConfig) -> HFCausalLMConfig:
@@ -433,20 +433,43 @@ class HFCausalLM(Decoder):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds, *, attention_mask=None, labels=None, all_logits=False) -> DecoderOutput:
+    def forward(
+        self, inputs_embeds, *, attention_mask=None, labels=None, all_logits=False, cache=None
+    ) -> DecoderOutput:
         if labels is not None or all_logits:  # training or scoring: every position, no cache
             out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
             return DecoderOutput(logits=out.logits, loss=out.loss)
+        given = {}
+        if cache is not None:  # a static cache: rewound in place (its tensors keep their addresses for the graphs)
+            for layer in cache.layers:
+                layer.cumulative_length.zero_()
+            given = {self._cache_kwarg: cache}
         # use_cache: a real first token writes the KV cache that generation goes on with, so TTFT includes it.
         # logits_to_keep=1: only the last position's logits, as generate() computes them.
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        out = self.lm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **given
+        )
         return DecoderOutput(logits=out.logits[:, -1], cache=_output_cache(out))
 
-    def step(self, input_ids, cache, position: int) -> DecoderOutput:
+    def static_cache(self, batch, length, dtype, device):
+        """transformers' StaticCache (every layer's keys and values allocated at `length` tokens, the fill level a
+        tensor on the device), as its docs pair with torch.compile. transformers 4.x's needs cache positions that
+        `step` does not pass: None there, and the decode runs eagerly."""
+        cache = StaticCache(config=self.lm.config, max_cache_len=length)
+        if not all(hasattr(layer, "cumulative_length") for layer in cache.layers):
+            return None
+        cache.early_initialization(batch, self.num_kv_heads, self.head_dim, dtype, device)
+        return cache
+
+    def step(self, input_ids, cache, position) -> DecoderOutput:
         """See `Decoder.step`: transformers' own forward on the cache, as a hand-written generation loop calls it.
         A cache pruned in the prefill (its layers hold different lengths) steps through the layers here instead:
         transformers builds one mask for every layer, from the first layer's length."""
-        positions = torch.full((input_ids.shape[0], 1), position, dtype=torch.long, device=input_ids.device)
+        positions = (
+            position
+            if isinstance(position, torch.Tensor)
+            else torch.full((input_ids.shape[0], 1), position, dtype=torch.long, device=input_ids.device)
+        )
         if len(set(_layer_lengths(cache))) > 1:
             hidden = self._run_layers(self.lm.model.layers, self.embed(input_ids), positions, cache, mask=False)
             return DecoderOutput(logits=self.lm.lm_head(self.lm.model.norm(hidden))[:, -1], cache=cache)
