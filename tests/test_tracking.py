@@ -127,3 +127,24 @@ def test_run_logs_one_run_and_config_can_ask_for_it(offline, capsys):
         (run["job_type"], run["exit_code"]) for run in runs
     ] == [("run", 1), ("run", 0)]
     assert {run["summary"]["status"] for run in runs} == {"ok", "failed"}
+
+
+def test_a_batch_grid_with_decoding_logs_its_figures_and_plots_under_stable_names(offline, capsys):
+    """The decode, throughput and KV-cache figures reach each cell's summary under the record's own paths, and the
+    grid run holds the plots drawn from them."""
+    sweep = ["batch_size=1,2"]
+    options = ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "3", "--wandb"]
+    assert main(["grid", "tiny", *sweep, "--db", str(offline / "r.db"), *options]) == 0
+    capsys.readouterr()
+    runs = offline_runs(offline)
+    cells = {run["name"]: run["summary"] for run in runs if run["job_type"] == "cell"}
+    assert set(cells) == {"batch_size=1", "batch_size=2"}
+    for batch, summary in ((1, cells["batch_size=1"]), (2, cells["batch_size=2"])):
+        assert summary["decode/steps"] == 2 and summary["decode/per_token_ms/median"] > 0
+        assert summary["throughput/output_tokens_per_s"] > 0 and summary["throughput/images_per_s"] > 0
+        assert summary["kv_cache/bytes"] == summary["kv_cache/measured_bytes"]
+        assert summary["kv_cache/bytes"] == batch * summary["kv_cache/bytes_per_token"] * summary["kv_cache/tokens"]
+    (grid_run,) = [run for run in runs if run["job_type"] == "grid"]
+    images = grid_run["files"] / "files/media/images/plots"
+    for plot in ("throughput_vs_batch", "ttft_vs_time_per_token", "kv_cache_vs_tokens"):
+        assert list(images.glob(f"{plot}_*.png")), f"no {plot} plot in the grid run"
