@@ -7,7 +7,8 @@ call killed at its limit still leaves what ran:
     gpu_tests                    the GPU-marked tests (`pytest -m gpu tests`): passed / skipped / failed
     measure/PRESET/MODE          ablate.measure in eager, cudagraph and compile mode, bfloat16: TTFT, each stage,
                                  stage sum / TTFT, measured / roofline floor per stage, numerical deviation from
-                                 eager per stage, speed-up over eager per stage, what ran and the fallbacks
+                                 eager per stage, speed-up over eager per stage, what ran and the fallbacks;
+                                 FastVLM's also decode 32 tokens (per token, end to end, the step's mode)
     overhead/fastvlm-0.5b/MODE   the toolkit's TTFT against the hand-written one (benchmarks/hand.py: timm +
                                  transformers, the whole TTFT in one CUDA graph in cudagraph mode), alternating,
                                  timed by CUDA events (benchmarks/toolkit_overhead.compare)
@@ -89,6 +90,7 @@ FULL = {
     "warmup": 3,
     "overhead_repeats": 30,
     "fastvlm": ("fastvlm-0.5b", 1024, []),
+    "max_new_tokens": 32,  # FastVLM's runs decode too: time per output token, the step a graph replay in cudagraph
     "llava": ("llava-onevision-0.5b", 1152, []),
     "grid": ["tiny", "encoder.image_size=64,128", "--device", "cuda", "--workers", "2", "--dtype", "bfloat16"],
 }
@@ -99,6 +101,7 @@ SMOKE = {
     "warmup": 1,
     "overhead_repeats": 2,
     "fastvlm": ("tiny", 128, []),
+    "max_new_tokens": 4,
     "llava": (
         "llava-onevision-0.5b",
         96,
@@ -237,7 +240,27 @@ def measure_section(preset: str, image_size: int, overrides: list[str], mode: st
             "fallbacks": execution["fallbacks"],
         },
         "peak_memory_mb": record["peak_memory_mb"],
+        "decode": decode_figures(record),
         "record": record,
+    }
+
+
+def decode_figures(record: dict[str, Any]) -> dict[str, Any] | None:
+    """With run.max_new_tokens: how the steps ran, per token and end to end against TTFT + steps x per token."""
+    decode = record["decode"]
+    if decode is None:
+        return None
+    measured, predicted = decode["end_to_end_ms"]["median"], decode["predicted_end_to_end_ms"]
+    step = record["roofline"]["stages"].get("decode_step") or {}
+    return {
+        "mode": decode["mode"],
+        "cache": decode["cache"],
+        "deviation_from_eager": decode["deviation_from_eager"],
+        "per_token_ms": decode["per_token_ms"]["median"],
+        "end_to_end_ms": measured,
+        "predicted_over_measured": predicted / measured if predicted and measured else None,
+        "step_over_floor": step.get("measured_over_floor"),
+        "output_tokens_per_s": record["throughput"]["output_tokens_per_s"],
     }
 
 
@@ -334,6 +357,13 @@ def checks(data: dict[str, Any]) -> list[dict[str, Any]]:
                 None if section is None else section["ran"]["mode"] == mode and not section["ran"]["fallbacks"],
             )
     graphed = ok(f"measure/{fastvlm}/cudagraph")
+    decode = graphed and graphed["decode"]
+    check(
+        f"{fastvlm} cudagraph: the decoding step is a graph replay, TTFT + steps x per token predicts end to end",
+        "decode.mode == cudagraph, predicted / measured within 10%",
+        decode,
+        None if not decode else decode["mode"] == "cudagraph" and abs(decode["predicted_over_measured"] - 1) <= 0.1,
+    )
     ratio = graphed and graphed["stage_sum_over_ttft"]
     check(f"{fastvlm} cudagraph: stage sum vs TTFT", "within 5%", ratio, None if not ratio else abs(ratio - 1) <= 0.05)
     overhead = ok(f"overhead/{fastvlm}/cudagraph")
@@ -391,7 +421,8 @@ def main() -> None:
         name = f"measure/{model}/{mode}"
         if mode not in args.modes:
             return acceptance.skip(name, "not in --modes")
-        acceptance.run(name, ESTIMATE_S[mode], lambda: measure_section(model, size, overrides, mode, plan))
+        more = {"max_new_tokens": plan["max_new_tokens"]} if model == fastvlm else {}
+        acceptance.run(name, ESTIMATE_S[mode], lambda: measure_section(model, size, overrides, mode, plan, **more))
         speedups_over_eager(sections, f"measure/{model}")
 
     def overhead(mode):

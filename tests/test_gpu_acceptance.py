@@ -88,6 +88,9 @@ def test_the_smoke_figures_are_the_records(smoke):
     assert gpu_check["name"].startswith("GPU tests pass") and gpu_check["passed"] == torch.cuda.is_available()
     cells = data["sections"]["grid"]["cells"]
     assert len(cells) == 2 and all(cell["status"] == "ok" and cell["ttft_ms"] > 0 for cell in cells)
+    decode = data["sections"][f"measure/{SMOKE_MODELS[0]}/eager"]["decode"]
+    assert decode["mode"] == "eager" and decode["per_token_ms"] > 0 and decode["predicted_over_measured"] > 0
+    assert data["sections"][f"measure/{SMOKE_MODELS[1]}/eager"]["decode"] is None  # LLaVA: TTFT only
 
 
 def test_a_section_that_raises_is_recorded_and_the_next_still_runs(tmp_path):
