@@ -77,6 +77,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
         for name in (
             "SCORES",
             "Score",
+            "check_prune_layer",
             "context_score",
             "merge_keys",
             "offered_scores",

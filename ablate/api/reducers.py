@@ -42,8 +42,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ablate.api.components import ATTENTION, CLS, StageContext, VisionEncoder
-from ablate.api.errors import IncompatibleComponentsError
+from ablate.api.components import ATTENTION, CLS, Decoder, StageContext, VisionEncoder
+from ablate.api.errors import ConfigError, IncompatibleComponentsError
 
 Heads = Literal["concat", "mean"]
 Score = Literal["auto", "cls", "mean_query", "attention_received", "mean_similarity", "norm"]
@@ -86,6 +86,17 @@ def context_score(ctx: StageContext) -> str:
     `ablate.build` (tests, notebooks), where no encoder was there to ask."""
     held = ({CLS} if ctx.cls is not None else set()) | ({ATTENTION} if ctx.attention is not None else set())
     return next(name for name, needs in SCORES.items() if needs <= held)
+
+
+def check_prune_layer(layer: int, decoder: Decoder) -> None:
+    """For a reducer that prunes inside the LLM after layer `layer` (K, as FastV and DART): a ConfigError unless
+    layers K.. exist in `decoder` (one whose layer count is unknown, 0, passes)."""
+    layers = decoder.num_layers
+    if layers and layer >= layers:
+        raise ConfigError(
+            f"reducer.layer={layer} but decoder '{decoder.name}' has {layers} layers: prune after one of layers "
+            f"1..{layers - 1}."
+        )
 
 
 def _split(ctx: StageContext, heads: Heads) -> tuple[torch.Tensor, torch.Tensor, int]:

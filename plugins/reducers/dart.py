@@ -35,6 +35,7 @@ from ablate.api import (
     ReducerConfig,
     StageContext,
     TokenReducer,
+    check_prune_layer,
     hookimpl,
     positions_of,
     take_tokens,
@@ -84,12 +85,7 @@ class DART(TokenReducer):
         return min(count, config.pivot_image + pivots * (round(count * config.keep_ratio) // pivots))
 
     def check_pipeline(self, encoder, connector, decoder) -> None:
-        layers = decoder.num_layers
-        if layers and self.config.layer >= layers:
-            raise ConfigError(
-                f"reducer.layer={self.config.layer} but decoder '{decoder.name}' has {layers} layers: prune after one "
-                f"of layers 1..{layers - 1}."
-            )
+        check_prune_layer(self.config.layer, decoder)
         received = self.input_layout(encoder, connector).num_tokens
         if self.config.pivot_image > received:
             raise ConfigError(

@@ -18,7 +18,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ablate.api import DECODER_PRUNING, ConfigError, DecoderPruning, ReducerConfig, StageContext, TokenReducer, hookimpl
+from ablate.api import (
+    DECODER_PRUNING,
+    ConfigError,
+    DecoderPruning,
+    ReducerConfig,
+    StageContext,
+    TokenReducer,
+    check_prune_layer,
+    hookimpl,
+)
 
 
 @dataclass
@@ -51,12 +60,7 @@ class FastV(TokenReducer):
         return max(1, round(count * self.config.keep_ratio))
 
     def check_pipeline(self, encoder, connector, decoder) -> None:
-        layers = decoder.num_layers
-        if layers and self.config.layer >= layers:
-            raise ConfigError(
-                f"reducer.layer={self.config.layer} but decoder '{decoder.name}' has {layers} layers: prune after one "
-                f"of layers 1..{layers - 1}."
-            )
+        check_prune_layer(self.config.layer, decoder)
         super().check_pipeline(encoder, connector, decoder)
 
     def notes(self) -> list[str]:
