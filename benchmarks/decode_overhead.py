@@ -19,6 +19,7 @@ from alternate import elapsed_ms
 from report import paired_ratio, parse_args, timing, write_json
 
 import ablate
+from ablate.measurement.decoding import EagerDecoding
 
 
 def hand_loop(lm, embeds: torch.Tensor, tokens: int):
@@ -44,17 +45,17 @@ def hand_loop(lm, embeds: torch.Tensor, tokens: int):
 
 
 def toolkit_loop(vlm, ctx, tokens: int):
-    """The toolkit's decode as `ablate run --max-new-tokens` times it: VLM.start_decoding, then VLM.next_token."""
+    """The toolkit's decode as `ablate run --max-new-tokens` times it in eager mode (decoding.EagerDecoding)."""
 
     def prepare():
-        ids, cache, position = vlm.start_decoding(ctx)
-        generated = [ids]
+        path = EagerDecoding(vlm)
+        path.prefill(ctx)
+        generated = [path.ids]
 
         def steps():
-            current = ids
-            for index in range(tokens - 1):
-                current = vlm.next_token(current, cache, position + index)
-                generated.append(current)
+            for _ in range(tokens - 1):
+                path.step()
+                generated.append(path.ids)
             return torch.cat(generated, dim=1)
 
         return steps
