@@ -118,6 +118,18 @@ def test_a_third_party_runtime_runs_a_whole_model_and_the_record_says_where():
     assert record["latency_ms"]["ttft"] > 0 and record["error"] is None
 
 
+def test_under_another_runtime_the_vision_stages_run_there_and_the_steps_in_torch_labelled():
+    record = ablate.measure(
+        "tiny", registry=export_registry(), runtime="torch-export", max_new_tokens=3, **FAST
+    ).to_dict()
+    decode = record["decode"]
+    assert decode["mode"] == "eager" and decode["steps"] == 2 and decode["end_to_end_ms"]["median"] > 0
+    assert any(
+        "the decode ran in torch, eagerly: runtime torch-export" in sentence
+        for sentence in record["execution"]["fallbacks"]
+    )
+
+
 def test_the_torch_runtime_is_the_default_and_says_so():
     execution = ablate.measure("tiny", **FAST).to_dict()["execution"]
     assert execution["requested"]["runtime"] == execution["used"]["runtime"] == "torch"
