@@ -19,8 +19,13 @@ from ablate.cli import main
 from ablate.config.compose import load_config
 from ablate.grid.store import Store
 from ablate.measurement.record import Record
+from ablate.model.build import build
+from ablate.train.data.llava import read_examples
 from ablate.train.data.synth import SynthOptions, generate
-from ablate.train.evaluation import anls, evaluate, exact_match
+from ablate.train.data.templates import get_template
+from ablate.train.data.tokenizer import load_tokenizer
+from ablate.train.evaluation import anls, answer, evaluate, exact_match
+from ablate.train.evaluation import generate as generate_answers
 from ablate.train.loop import build_for_stage, freeze, make_optimizer, train, training_loss
 
 # Small and quick: 64 px (one visual token), batches of 4, a few steps.
@@ -293,3 +298,37 @@ def test_wandb_logs_the_curve_offline(data, tmp_path, monkeypatch):
     for key in (b"train/loss", b"train/lr/connector", b"train/images_per_s", b"synth-tiny"):
         assert key in content, key
     assert (tmp_path / "run" / "wandb_id").read_text() in records.name  # a resumed run continues this W&B run
+
+
+def test_in_llm_pruning_acts_on_the_answers(data, monkeypatch):
+    """FastV and DART prune inside the LLM's prefill: the answers come from the pruned prefill and its KV cache, and
+    prompts of several lengths are batched by length."""
+    torch.manual_seed(0)
+    overrides = ["reducer=fastv", "reducer.layer=1", "reducer.tokens=1"]  # 4 visual tokens at 128 px: 1 kept
+    vlm = build(load_config("synth-tiny", overrides, get_registry())).eval()
+    kept = []  # tokens each pruned prefill kept (a random tiny LLM's greedy ids hardly depend on the image)
+    prefill_pruned = vlm.decoder.prefill_pruned
+
+    def counting(embeds, positions, pruning, **kwargs):
+        kept.append(pruning.keep)
+        return prefill_pruned(embeds, positions, pruning, **kwargs)
+
+    monkeypatch.setattr(vlm.decoder, "prefill_pruned", counting)
+    pixels = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    ids = vlm.make_prompt(12, 4)
+    with torch.inference_mode():
+        answered = generate_answers(vlm, pixels, ids.tolist(), None, 3)
+        assert kept == [1]
+        pruned, _ = vlm.generate(vlm.run_vision(vlm.start(pixels, ids)), 3)
+    assert answered == pruned.tolist()
+    with pytest.raises(ConfigError, match="unpadded prompts"):
+        generate_answers(vlm, pixels[:2], [ids[0].tolist(), ids[1, 1:].tolist()], None, 3)
+    # answer(): questions of different lengths, each answered as if alone
+    examples, _ = read_examples(data / "test.json")
+    assert len({len(example.question) for example in examples}) > 1
+    tokenizer, template = load_tokenizer(data / "tokenizer"), get_template("chatml")
+    kept.clear()
+    together = answer(vlm, tokenizer, template, examples, batch_size=4, max_new_tokens=3)
+    assert 1 < len(kept) < len(examples)  # one batch per prompt length
+    alone = [answer(vlm, tokenizer, template, [example], max_new_tokens=3)[0] for example in examples]
+    assert together == alone

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ablate.api.components import DECODER_PRUNING
 from ablate.api.errors import AblateError, ConfigError
 from ablate.api.registry import Registry, get_registry
 from ablate.config.compose import VLMConfig, config_hash, load_config
@@ -83,7 +84,9 @@ def generate(
     """Greedy continuation of each prompt (one image placeholder each): the new ids, without the stop id.
 
     Prompts are left-padded so every row's last position is its own; the LLM reruns on the growing sequence (no
-    KV cache: answers are a few tokens, and the decoder interface stays the prefill one).
+    KV cache: answers are a few tokens, and the decoder interface stays the prefill one). A reducer that prunes
+    inside the LLM (FastV, DART) acts in the prefill and the KV cache it leaves: then the prompts must be of one
+    length, and generation goes on from that cache.
     """
     device = vlm.device
     length = max(len(prompt) for prompt in prompts)
@@ -93,21 +96,37 @@ def generate(
         ids[row, length - len(prompt) :] = torch.tensor(prompt, device=device)
         mask[row, length - len(prompt) :] = 1
     ctx = vlm.run_vision(vlm.start(pixel_values.to(device), ids))
-    embeds, _, mask = vlm.splice(ctx.tokens, ids, ctx.text_embeds, None, mask)
     out: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    if DECODER_PRUNING in ctx.extras:  # FastV, DART: the pruning lives in the prefill and the KV cache it leaves
+        if len({len(prompt) for prompt in prompts}) > 1:
+            raise ConfigError("In-LLM pruning takes unpadded prompts: answer prompts of one length together.")
+        next_ids, cache, position = vlm.start_decoding(ctx)
+        for index in range(max_new_tokens):
+            _collect(out, finished, next_ids[:, 0], stop_id)
+            if bool(finished.all()) or index == max_new_tokens - 1:
+                break
+            next_ids = vlm.next_token(next_ids, cache, position + index)
+        return out
+    embeds, _, mask = vlm.splice(ctx.tokens, ids, ctx.text_embeds, None, mask)
     for _ in range(max_new_tokens):
         logits = vlm.decoder(embeds, attention_mask=mask).logits
         next_ids = logits.argmax(dim=-1)
-        for row, token in enumerate(next_ids.tolist()):
-            if not finished[row] and token != stop_id:
-                out[row].append(token)
-        finished |= next_ids == stop_id if stop_id is not None else torch.zeros_like(finished)
+        _collect(out, finished, next_ids, stop_id)
         if bool(finished.all()):
             break
         embeds = torch.cat([embeds, vlm.decoder.embed(next_ids[:, None]).to(embeds.dtype)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return out
+
+
+def _collect(out: list[list[int]], finished: torch.Tensor, next_ids: torch.Tensor, stop_id: int | None) -> None:
+    """Append each unfinished row's (B,) next id to its answer; rows that produced the stop id finish."""
+    for row, token in enumerate(next_ids.tolist()):
+        if not finished[row] and token != stop_id:
+            out[row].append(token)
+    if stop_id is not None:
+        finished |= next_ids == stop_id
 
 
 def answer(
@@ -121,13 +140,24 @@ def answer(
     """The model's greedy answer to each example's first question."""
     stop = stop_token_id(tokenizer, template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    predictions = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        prompts = [prompt_ids(tokenizer, template, example.question, vlm.image_token_id) for example in chunk]
-        pixels = torch.stack([vlm.encoder.prepare(open_image(example)) for example in chunk])
-        for ids in generate(vlm, pixels, prompts, stop, max_new_tokens, pad):
-            predictions.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    prompts = [prompt_ids(tokenizer, template, example.question, vlm.image_token_id) for example in examples]
+    batches = [range(start, min(start + batch_size, len(examples))) for start in range(0, len(examples), batch_size)]
+    if vlm.reducer.prunes_in_decoder:  # in-LLM pruning takes unpadded prompts: batch those of one length together
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        batches = [
+            group[start : start + batch_size]
+            for group in by_length.values()
+            for start in range(0, len(group), batch_size)
+        ]
+    predictions = [""] * len(examples)
+    for batch in batches:
+        pixels = torch.stack([vlm.encoder.prepare(open_image(examples[index])) for index in batch])
+        for index, ids in zip(
+            batch, generate(vlm, pixels, [prompts[index] for index in batch], stop, max_new_tokens, pad)
+        ):
+            predictions[index] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return predictions
 
 
