@@ -195,7 +195,7 @@ BAD_INPUT = [
     (["grid", "{root}/grid-twice.yaml"], 2, "Key 'prompt_tokens' is varied twice"),
     (["grid", "{root}/grid-all-excluded.yaml"], 2, "is excluded: loosen `exclude:`"),
     (["grid", "{root}/grid-cells-not-list.yaml"], 2, "`cells:` must be a non-empty list of mappings"),
-    (["grid", "{root}/grid-zipped.yaml", "prompt_tokens=1"], 2, "is set on the command line but varied in"),
+    (["grid", "{root}/grid-zipped.yaml", "prompt_tokens=1"], 2, "its cells have prompt_tokens = 4, 8"),
     (["grid", "tiny", "prompt_tokens=4,,8"], 2, "has an empty value between commas"),
     (["grid", "tiny", "prompt_tokens=4,8", "prompt_tokens=1,2"], 2, "is given twice on the command line"),
     (["grid", "tiny", "encoder.imagesize=128,192"], 2, "No cell of grid 'tiny' has a valid config"),

@@ -144,3 +144,24 @@ def test_example_grids_expand():
     encoders = load_grid(str(folder / "encoder-comparison.yaml"), run_options={"count_only": True})
     assert len({cell.values.get("encoder") for cell in encoders.cells}) >= 3
     assert not any(cell.error for cell in encoders.cells), [cell.error for cell in encoders.cells]
+
+
+def test_a_value_on_a_zipped_or_listed_key_keeps_the_cells_that_have_it(tmp_path):
+    """`key=value` on a key that `zip:` or `cells:` varies narrows the grid to the cells with that value (a timed
+    subset of a big grid); a value no cell has is refused with the values there are."""
+    path = write(
+        tmp_path / "g.yaml",
+        {
+            "base": "tiny",
+            "zip": [{"prompt_tokens": [4, 8], "batch_size": [1, 2]}],
+            "cells": [{"reducer": "none"}, {"reducer": "random", "reducer.tokens": 2}, {"reducer": "avgpool"}],
+        },
+    )
+    assert len(load_grid(path).cells) == 6
+    narrowed = load_grid(path, ["prompt_tokens=8", "reducer.tokens=2"])
+    assert [cell.values for cell in narrowed.cells] == [
+        {"prompt_tokens": 8, "batch_size": 2, "reducer": "random", "reducer.tokens": 2}
+    ]
+    assert [cell.values["reducer"] for cell in load_grid(path, ["reducer=avgpool"]).cells] == ["avgpool"] * 2
+    with pytest.raises(ConfigError, match="its cells have batch_size = 1, 2"):
+        load_grid(path, ["batch_size=3"])

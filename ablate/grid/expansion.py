@@ -297,12 +297,8 @@ def load_grid(
             _entries(data["cells"], "`cells:`", "cells: [{encoder.image_size: 512, prompt_tokens: 32}]"), "`cells:`"
         )
     fixed = dict(_mapping(data["set"], "`set:`", "set: {prompt_tokens: 32}")) if "set" in data else {}
-    for key in fixed_cli:
-        if key in axes.owner:
-            raise ConfigError(
-                f"Key '{key}' is set on the command line but varied in {axes.owner[key]} of the grid file: sweep it "
-                f"on the command line ({key}=a,b) to replace a `sweep:` key, or edit the file."
-            )
+    # `key=value` on a key that `zip:` or `cells:` varies keeps the cells with that value (a timed subset).
+    narrow = {key: fixed_cli.pop(key) for key in list(fixed_cli) if key in axes.owner}
     fixed.update(fixed_cli)
     excludes = (
         _entries(data["exclude"], "`exclude:`", "exclude: [{encoder.image_size: 256}]") if "exclude" in data else []
@@ -322,6 +318,15 @@ def load_grid(
     kept = [values for values in everything if not any(_matches(values, entry) for entry in excludes)]
     if not kept:
         raise ConfigError(f"Every cell of grid '{name}' is excluded: loosen `exclude:`.")
+    for key, value in narrow.items():
+        found = sorted({show_value(values[key]) for values in kept if key in values})
+        kept = [values for values in kept if key in values and values[key] == value]
+        if not kept:
+            raise ConfigError(
+                f"No cell of grid '{name}' has {key}={show_value(value)} (set on the command line, it keeps the cells "
+                f"with that value; {axes.owner[key]} varies it): its cells have {key} = {', '.join(found)}. Use one "
+                f"of those, or sweep the key on the command line ({key}=a,b) where the grid file sweeps it."
+            )
     cells: list[Cell] = []
     seen: set[str] = set()
     for values in kept:
