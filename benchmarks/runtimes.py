@@ -5,7 +5,8 @@ the largest deviation from torch's float eager outputs, where each stage ran and
     python benchmarks/runtimes.py --config fastvlm-0.5b --image-size 512 --repeats 3
 
 Each variant is one `ablate.measure` run, one after the other in this process (not alternated: compare ratios
-well above the runs' spread). Quantized variants quantize the connector and the decoder (int8-dynamic).
+well above the runs' spread). Quantized variants quantize the connector and the decoder; the torchao schemes
+(int8-weight-only, int4-weight-only) need `pip install 'ablate-vlm[torchao]'` and run in torch only.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ import argparse
 import ablate
 from ablate.api import AblateError
 
-QUANTIZED = ["run.quantize.connector=int8-dynamic", "run.quantize.decoder=int8-dynamic"]
+
+def quantized(scheme: str) -> list[str]:
+    return [f"run.quantize.connector={scheme}", f"run.quantize.decoder={scheme}"]
+
+
 VARIANTS = [  # (label, runtime, overrides)
     ("torch eager float32", "torch", []),
-    ("torch eager int8-dynamic", "torch", QUANTIZED),
+    ("torch eager bfloat16", "torch", ["run.dtype=bfloat16"]),
+    ("torch eager int8-dynamic", "torch", quantized("int8-dynamic")),
+    ("torch eager int8-weight-only", "torch", quantized("int8-weight-only")),
+    ("torch eager int4-weight-only", "torch", quantized("int4-weight-only")),
     ("onnxruntime float32", "onnxruntime", []),
-    ("onnxruntime int8-dynamic", "onnxruntime", QUANTIZED),
+    ("onnxruntime int8-dynamic", "onnxruntime", quantized("int8-dynamic")),
     ("openvino float32", "openvino", []),
     ("executorch float32", "executorch", []),
 ]

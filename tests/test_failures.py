@@ -370,6 +370,17 @@ def test_a_runtime_whose_extra_is_missing_names_the_extra(capsys, monkeypatch):
     assert set(record) == set(Record().to_dict()) and "needs onnxruntime" in record["error"]["message"]
 
 
+def test_a_torchao_scheme_without_torchao_names_the_extra(capsys, monkeypatch):
+    """Without torchao (CI's case; here an import of it fails, as it does then) the run stops before building."""
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    assert main(["run", "tiny", "run.quantize.decoder=int4-weight-only", "--json"]) == 2
+    captured = capsys.readouterr()
+    _check_paragraph(captured.err, "pip install 'ablate-vlm[torchao]'")
+    record = json.loads(captured.out)
+    assert set(record) == set(Record().to_dict()) and "through torchao" in record["error"]["message"]
+    assert main(["run", "tiny", "run.quantize.decoder=int4-weight-only", "--count-only"]) == 0  # nothing quantized
+
+
 def test_the_same_table_without_json_prints_nothing_on_stdout(files, capsys):
     for args, code, phrase in BAD_INPUT[:5]:
         assert main(_fill(args, files)) == code

@@ -3,6 +3,7 @@ runtime defined here, failed by a runtime that freezes its example), and whole r
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 
 import pytest
@@ -15,6 +16,7 @@ from ablate.api.errors import ConfigError, UnknownComponentError
 from ablate.api.registry import Registry
 from ablate.api.testing import RuntimeConformance
 from ablate.cli import main
+from ablate.measurement.quantization import INT4_NOTE, quantize, stored_bytes
 from ablate_plugins.runtimes.executorch_runtime import ExecuTorchRuntime
 from ablate_plugins.runtimes.onnx_runtime import OnnxRuntime
 from ablate_plugins.runtimes.openvino_runtime import OpenVinoRuntime
@@ -28,6 +30,9 @@ needs_executorch = pytest.mark.skipif(
 )
 needs_openvino = pytest.mark.skipif(
     bool(OpenVinoRuntime.missing()), reason="needs the openvino extra: pip install 'ablate-vlm[openvino]'"
+)
+needs_torchao = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="needs the torchao extra: pip install 'ablate-vlm[torchao]'"
 )
 
 
@@ -240,6 +245,60 @@ def test_int8_dynamic_in_torch_stores_a_quarter_of_the_linear_weights_and_measur
     assert fidelity["rows"] == 1 and 0 <= fidelity["top1_agreement"] <= 1 and fidelity["kl"] >= 0
     assert "unquantized" in fidelity["reference"]
     assert record["fidelity"] is None  # run.fidelity (against no reducer) stays what it was
+
+
+def _linear_stack() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.Linear(512, 128, bias=False))
+
+
+@needs_torchao
+@pytest.mark.parametrize(
+    "scheme, low, high",  # bytes of the quantized Linear weights over float32's
+    [
+        ("int8-weight-only", 0.25, 0.26),  # a byte a weight, a float32 scale (and zero point) per output row
+        ("int4-weight-only", 0.25, 0.28),  # an int4 value a byte (INT4_NOTE), a scale and zero point per 64
+    ],
+)
+def test_torchao_weights_are_counted_as_stored(scheme, low, high):
+    """torchao's quantized weights are tensor subclasses whose dtype is the float they stand for: counted by that
+    dtype they would weigh as much as float32; what they store is their int8 data and scales."""
+    model = _linear_stack()
+    float_bytes = stored_bytes(model)
+    assert float_bytes == (256 * 512 + 512 * 128) * 4
+    x = torch.randn(3, 256)
+    expected = model(x)
+    quantize(model, scheme)
+    assert type(model[0].weight) is not torch.nn.Parameter  # torchao replaced it
+    assert low < stored_bytes(model) / float_bytes < high
+    error = (model(x) - expected).abs().max() / expected.abs().max()
+    assert 0 < error < (0.02 if scheme.startswith("int8") else 0.2), error
+
+
+@needs_torchao
+@pytest.mark.parametrize("scheme", ["int8-weight-only", "int4-weight-only"])
+def test_torchao_schemes_on_tiny_record_their_bytes_and_fidelity(scheme):
+    overrides = [f"run.quantize.connector={scheme}", f"run.quantize.decoder={scheme}"]
+    record = ablate.measure("tiny", overrides, **FAST).to_dict()
+    quantization = record["quantization"]
+    assert quantization["schemes"] == {"connector": scheme, "decoder": scheme}
+    ratio = quantization["quantized_bytes"]["connector"] / quantization["float_bytes"]["connector"]
+    assert 0.2 < ratio < 0.35, ratio  # the connector is Linear layers only: about a quarter, float32 biases aside
+    # the decoder's float32 embedding table stays: it shrinks, by less
+    assert quantization["quantized_bytes"]["decoder"] < 0.9 * quantization["float_bytes"]["decoder"], quantization
+    fidelity = quantization["fidelity"]
+    assert 0 <= fidelity["top1_agreement"] <= 1 and 0 <= fidelity["kl"] < 0.1, fidelity
+    assert (INT4_NOTE in record["notes"]) == (scheme == "int4-weight-only")
+
+
+@needs_torchao
+@needs_onnx
+def test_a_torchao_scheme_in_onnx_runtime_falls_back_to_torch_labelled():
+    record = ablate.measure("tiny", ["run.quantize.connector=int8-weight-only"], runtime="onnxruntime", **FAST)
+    execution = record.to_dict()["execution"]
+    assert execution["runtimes"]["connector"] == "torch" and execution["runtimes"]["encoder"] == "onnxruntime"
+    assert any("int8-weight-only" in sentence for sentence in execution["fallbacks"])
+    assert record.quantization.quantized_bytes["connector"] < 0.35 * record.quantization.float_bytes["connector"]
 
 
 def test_an_unquantized_run_has_no_quantization_block():

@@ -22,8 +22,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # whole TTFT path, replayed (GPU only). See ablate/measurement/modes.py for what each does and how it falls back.
 MODES = ("eager", "compile", "cudagraph")
 # int8-dynamic: the Linear layers' weights stored in int8, activations quantized on the fly (torch's dynamic
-# quantization in the torch runtime; a runtime plugin may use its own). See ablate/measurement/quantization.py.
-QUANTIZATIONS = ("int8-dynamic",)
+# quantization in the torch runtime; a runtime plugin may use its own). int8-weight-only, int4-weight-only: the
+# Linear weights in int8 or int4, the matmul in float (torchao, the `torchao` extra). See
+# ablate/measurement/quantization.py.
+QUANTIZATIONS = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
 MEMORY_FORMATS = ("contiguous", "channels_last")  # channels_last applies to the encoder's convolutions
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32)
 DEVICE_TYPES = ("cpu", "cuda", "mps")

@@ -38,7 +38,8 @@ from ablate.measurement.fidelity import first_token_fidelity
 from ablate.measurement.machine import check_machine, environment, peak_memory
 from ablate.measurement.modes import prepare, requested
 from ablate.measurement.profiling import profile_stages, trace_path
-from ablate.measurement.quantization import logits_fidelity, quantize, stored_bytes
+from ablate.measurement.quantization import check_available, logits_fidelity, quantize, stored_bytes
+from ablate.measurement.quantization import notes as quantization_notes
 from ablate.measurement.record import ErrorInfo, Flops, ImageInfo, LLMTokens, Params, Quantization, Record, Tokens
 from ablate.measurement.roofline import device_peak, prefill_bytes, roofline, vision_bytes, weight_bytes
 from ablate.measurement.timing import Progress, StageTimer, time_stages
@@ -175,6 +176,8 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
     runtime = registry.runtime(options.runtime)
     if runtime is not None:
         runtime.check()  # its optional dependencies are installed here
+    if not options.count_only:
+        check_available(vars(options.quantize))  # torchao, for the schemes it applies
     device = torch.device(options.device)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -220,6 +223,7 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         if schemes:
             where["stage"] = "quantizing"
             float_logits, float_bytes = _before_quantizing(vlm, ctx, schemes, runtime is None)
+            record.notes += quantization_notes(schemes)
         where["stage"] = f"preparing {options.mode} mode" if runtime is None else f"preparing runtime {runtime.name}"
         prepared = prepare(vlm, ctx, options, progress, runtime)
         record.execution = prepared.entry
