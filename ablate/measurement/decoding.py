@@ -29,7 +29,7 @@ from ablate.api.components import DECODER_PRUNING, DecoderPruning, StageContext
 from ablate.api.errors import ConfigError, first_line
 from ablate.api.runtimes import TORCH_RUNTIME
 from ablate.config.run_options import RunOptions
-from ablate.measurement.modes import Replay, capture, inductor_settings
+from ablate.measurement.modes import Replay, capture, deviation, inductor_settings, param_dtype
 from ablate.measurement.record import Decode, KVCache, Record, Samples, Throughput
 from ablate.measurement.timing import Progress, StageTimer, spread
 
@@ -148,7 +148,7 @@ def decoding_path(vlm, prepared, options: RunOptions, device: torch.device, prog
     cache = None
     if why is None:
         length = vision_out.input_ids.shape[1] - 1 + vision_out.tokens.shape[1] + options.max_new_tokens - 1
-        dtype = next((p.dtype for p in vlm.decoder.parameters() if p.is_floating_point()), torch.float32)
+        dtype = param_dtype(vlm.decoder) or torch.float32
         cache = vlm.decoder.static_cache(vision_out.input_ids.shape[0], length, dtype, device)
         if cache is None:
             why = f"decoder '{vlm.decoder.name}' has no static cache (its `static_cache` returned None)."
@@ -167,7 +167,7 @@ def decoding_path(vlm, prepared, options: RunOptions, device: torch.device, prog
     eager.prefill(vision_out)
     reference = eager.step()
     static.prefill(vision_out)
-    static.deviation_from_eager = relative_deviation(static.step(), reference)
+    static.deviation_from_eager = deviation(static.step(), reference)
     return static, None
 
 
@@ -197,11 +197,6 @@ def vision_stages(prepared) -> Callable[[StageContext], StageContext]:
         return ctx
 
     return run
-
-
-def relative_deviation(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |out - reference| / max |reference|, as the stages' deviations from eager are given."""
-    return ((out.float() - reference.float()).abs().max() / (reference.float().abs().max() or 1.0)).item()
 
 
 def time_decode(

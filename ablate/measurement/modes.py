@@ -91,7 +91,7 @@ def prepare(
             f"(it too removes per-operator overhead).",
         )
     ctx = _apply_memory_format(vlm, ctx, options.memory_format, entry, notes)
-    entry.used.dtypes = {kind: _dtype_name(_param_dtype(getattr(vlm, kind))) for kind in KINDS}
+    entry.used.dtypes = {kind: _dtype_name(param_dtype(getattr(vlm, kind))) for kind in KINDS}
     if entry.cpu and not entry.cpu.bf16 and torch.bfloat16 in _param_dtypes(vlm):
         notes.append(
             f"this CPU ({entry.cpu.isa}) has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 math is "
@@ -154,7 +154,7 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _param_dtype(module: torch.nn.Module) -> torch.dtype | None:
+def param_dtype(module: torch.nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
@@ -217,7 +217,7 @@ def _main_tensor(out: Any) -> torch.Tensor:
     return out.tokens if isinstance(out, StageContext) else out
 
 
-def _deviation(out: Any, reference: Any) -> float | None:
+def deviation(out: Any, reference: Any) -> float | None:
     """max |out - reference| / max |reference| of a stage's main output (tokens, or logits); None if shapes differ."""
     a, b = _main_tensor(out), _main_tensor(reference)
     if a is None or b is None or a.shape != b.shape:
@@ -272,7 +272,7 @@ def _compile(vlm, ctx, reference, entry, notes, device, progress):
             )
         entry.stages[name] = "compile" if compiled is not stage else "eager"
         entry.graph_breaks[name] = _graph_break_count() - breaks
-        entry.deviation_from_eager[name] = _deviation(result, reference[name])
+        entry.deviation_from_eager[name] = deviation(result, reference[name])
         stages.append((name, compiled))
         out = result
     breaks = {name: count for name, count in entry.graph_breaks.items() if count}
@@ -311,7 +311,7 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
         known = layouts.get(name, True) is not None
         if _passes_on(out, eager):  # a no-op stage (reducer 'none'): nothing to prepare
             entry.stages[name] = entry.runtimes[name] = "no-op"
-            entry.deviation_from_eager[name] = _deviation(out, reference[name])
+            entry.deviation_from_eager[name] = deviation(out, reference[name])
             stages.append((name, stage))
             continue
         kind = STAGE_COMPONENT[name]
@@ -333,7 +333,7 @@ def _in_runtime(runtime_class: type[Runtime], vlm, ctx, entry: Execution, notes:
             _fall_back(
                 entry, notes, f"the {name} stage does not run in {runtime.name} ({exc}): it ran in torch, eagerly."
             )
-        entry.deviation_from_eager[name] = _deviation(result, reference[name])
+        entry.deviation_from_eager[name] = deviation(result, reference[name])
         stages.append((name, runner))
         out = result
     notes.extend(runtime.notes)
@@ -432,7 +432,7 @@ def _capture(vlm, ctx, reference, entry, notes, device, progress):
         progress(f"capturing the {name} stage", index, len(plain))
         if stage(out) is out:  # a no-op stage (reducer 'none'): nothing to capture, an empty graph is an error
             entry.stages[name] = "no-op"
-            entry.deviation_from_eager[name] = _deviation(out, reference[name])
+            entry.deviation_from_eager[name] = deviation(out, reference[name])
             stages.append((name, stage))
             continue
         reason = syncs_with_host(stage, out)
@@ -447,7 +447,7 @@ def _capture(vlm, ctx, reference, entry, notes, device, progress):
             runner, result = stage, stage(out)
             _fall_back(entry, notes, f"the {name} stage cannot be captured in a CUDA graph ({reason}): it ran eagerly.")
         entry.stages[name] = "cudagraph" if reason is None else "eager"
-        entry.deviation_from_eager[name] = _deviation(result, reference[name])
+        entry.deviation_from_eager[name] = deviation(result, reference[name])
         stages.append((name, runner))
         out = result
     eager = [name for name, how in entry.stages.items() if how == "eager"]
@@ -471,4 +471,14 @@ def _capture(vlm, ctx, reference, entry, notes, device, progress):
     return stages, lambda c: _run_stages(stages, c)["prefill"]
 
 
-__all__ = ["Prepared", "Replay", "capture", "inductor_settings", "prepare", "requested", "syncs_with_host"]
+__all__ = [
+    "Prepared",
+    "Replay",
+    "capture",
+    "deviation",
+    "inductor_settings",
+    "param_dtype",
+    "prepare",
+    "requested",
+    "syncs_with_host",
+]
