@@ -11,7 +11,18 @@ Plugins import `ablate.api` (see CONTRIBUTING.md), nothing else.
 
 from __future__ import annotations
 
+import logging
+
 from ablate.version import __version__
+
+
+def _drop_torchao_enum_notice(record: logging.LogRecord) -> bool:
+    # torchao 0.18 under torch 2.14 warns on import that registering its enums is deprecated; transformers imports
+    # it whenever it is installed, so without this every run with torchao installed would open with two such lines.
+    return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_drop_torchao_enum_notice)
 
 __all__ = ["VLM", "Record", "__version__", "build", "from_checkpoint", "load_config", "measure", "plan", "results"]
 

@@ -5,8 +5,10 @@ the largest deviation from torch's float eager outputs, where each stage ran and
     python benchmarks/runtimes.py --config fastvlm-0.5b --image-size 512 --repeats 3
 
 Each variant is one `ablate.measure` run, one after the other in this process (not alternated: compare ratios
-well above the runs' spread). Quantized variants quantize the connector and the decoder; the torchao schemes
-(int8-weight-only, int4-weight-only) need `pip install 'ablate-vlm[torchao]'` and run in torch only.
+well above the runs' spread). Quantized variants quantize the connector and the decoder, or in OpenVINO the encoder
+and the connector (its converter refuses the prefill, which then runs in torch); the torchao schemes
+(int8-weight-only, int4-weight-only) need `pip install 'ablate-vlm[torchao]'` in torch, OpenVINO's need nncf
+(`pip install 'ablate-vlm[openvino]'`). A variant whose runtime is not installed prints its error and the rest run.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import ablate
 from ablate.api import AblateError
 
 
-def quantized(scheme: str) -> list[str]:
-    return [f"run.quantize.connector={scheme}", f"run.quantize.decoder={scheme}"]
+def quantized(scheme: str, parts=("connector", "decoder")) -> list[str]:
+    return [f"run.quantize.{part}={scheme}" for part in parts]
 
 
+VISION = ("encoder", "connector")  # the stages OpenVINO runs (its converter refuses the decoder prefill)
 VARIANTS = [  # (label, runtime, overrides)
     ("torch eager float32", "torch", []),
+    ("torch compile float32", "torch", ["run.mode=compile"]),
     ("torch eager bfloat16", "torch", ["run.dtype=bfloat16"]),
     ("torch eager int8-dynamic", "torch", quantized("int8-dynamic")),
     ("torch eager int8-weight-only", "torch", quantized("int8-weight-only")),
@@ -30,6 +34,8 @@ VARIANTS = [  # (label, runtime, overrides)
     ("onnxruntime float32", "onnxruntime", []),
     ("onnxruntime int8-dynamic", "onnxruntime", quantized("int8-dynamic")),
     ("openvino float32", "openvino", []),
+    ("openvino int8-dynamic encoder + connector", "openvino", quantized("int8-dynamic", VISION)),
+    ("openvino int8-weight-only encoder + connector", "openvino", quantized("int8-weight-only", VISION)),
     ("executorch float32", "executorch", []),
 ]
 

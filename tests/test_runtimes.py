@@ -323,6 +323,24 @@ def test_int8_dynamic_in_onnx_runtime_is_its_own_and_stays_within_the_stated_bou
     assert 0 < deviations["prefill"] <= INT8_DEVIATION, deviations  # against float eager: the int8 error shows
 
 
+@needs_openvino
+@pytest.mark.parametrize(
+    "scheme, high",  # the connector's compressed bytes over float32's
+    [("int8-dynamic", 0.3), ("int8-weight-only", 0.3), ("int4-weight-only", 0.2)],  # int4: two values a byte
+)
+def test_openvino_quantizes_with_its_own_nncf_compression_within_the_stated_bound(scheme, high):
+    record = ablate.measure("tiny", [f"run.quantize.connector={scheme}"], runtime="openvino", **FAST).to_dict()
+    assert record["execution"]["runtimes"]["connector"] == "openvino", record["execution"]["fallbacks"]
+    quantization = record["quantization"]
+    ratio = quantization["quantized_bytes"]["connector"] / quantization["float_bytes"]["connector"]
+    assert 0.1 < ratio < high, ratio
+    assert 0 <= quantization["fidelity"]["kl"] < 0.1, quantization["fidelity"]
+    deviation = record["execution"]["deviation_from_eager"]["connector"]
+    assert 0 < deviation <= (INT8_DEVIATION if scheme.startswith("int8") else 0.2), deviation
+    assert any(note.startswith(f"openvino connector: {scheme} as NNCF's") for note in record["notes"])
+    assert INT4_NOTE not in record["notes"]  # torchao's storage note: OpenVINO packs its int4 itself
+
+
 @needs_onnx
 def test_a_grid_over_runtime_and_reducer_stores_and_plots(tmp_path):
     db, out = tmp_path / "r.db", tmp_path / "plots"

@@ -21,6 +21,7 @@ from ablate.api.errors import AblateError, PluginFailure, ResourceError, first_l
 from ablate.api.hooks import KINDS
 from ablate.api.preprocessing import load_image, synthetic_image
 from ablate.api.registry import Registry, get_registry
+from ablate.api.runtimes import TORCH_RUNTIME
 from ablate.api.weights import meta_device
 from ablate.config.compose import VLMConfig, load_config
 from ablate.config.run_options import RunOptions
@@ -223,13 +224,13 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
         if schemes:
             where["stage"] = "quantizing"
             float_logits, float_bytes = _before_quantizing(vlm, ctx, schemes, runtime is None)
-            record.notes += quantization_notes(schemes)
         where["stage"] = f"preparing {options.mode} mode" if runtime is None else f"preparing runtime {runtime.name}"
         prepared = prepare(vlm, ctx, options, progress, runtime)
         record.execution = prepared.entry
         record.notes += prepared.notes
         if schemes:
             record.quantization = _quantization(vlm, prepared, schemes, float_logits, float_bytes)
+            record.notes += quantization_notes(_quantized_in_torch(schemes, record.execution))
         if options.export:
             where["stage"] = "exporting the prepared stages"
             record.notes.append(write_export(options.export, record, prepared))
@@ -297,6 +298,15 @@ def _before_quantizing(vlm: VLM, ctx: StageContext, schemes: dict[str, str], in_
         for kind, scheme in schemes.items():
             quantize(getattr(vlm, kind), scheme)
     return logits, float_bytes
+
+
+def _quantized_in_torch(schemes: dict[str, str], execution) -> dict[str, str]:
+    """The schemes torch applied: all of them in the torch runtime, else those of the stages that fell back."""
+    ran_in = execution.runtimes or {}
+    stage_of = {kind: stage for stage, kind in STAGE_COMPONENT.items()}
+    return {
+        kind: scheme for kind, scheme in schemes.items() if ran_in.get(stage_of[kind], TORCH_RUNTIME) == TORCH_RUNTIME
+    }
 
 
 def _quantization(vlm: VLM, prepared, schemes: dict[str, str], float_logits, float_bytes) -> Quantization:
