@@ -37,6 +37,7 @@ VARIANTS = [  # (label, runtime, overrides)
     ("openvino int8-dynamic encoder + connector", "openvino", quantized("int8-dynamic", VISION)),
     ("openvino int8-weight-only encoder + connector", "openvino", quantized("int8-weight-only", VISION)),
     ("executorch float32", "executorch", []),
+    ("executorch int8-dynamic", "executorch", quantized("int8-dynamic")),
 ]
 
 

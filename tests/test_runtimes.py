@@ -301,6 +301,15 @@ def test_a_torchao_scheme_in_onnx_runtime_falls_back_to_torch_labelled():
     assert record.quantization.quantized_bytes["connector"] < 0.35 * record.quantization.float_bytes["connector"]
 
 
+def test_a_quantized_runs_roofline_floor_reads_the_weights_as_stored():
+    """Against float32's bytes an int8 prefill could beat its floor; the floor is of the bytes it must read."""
+    plain = ablate.measure("tiny", **FAST).roofline.stages["prefill"]
+    record = ablate.measure("tiny", ["run.quantize.decoder=int8-dynamic"], **FAST)
+    saved = record.quantization.float_bytes["decoder"] - record.quantization.quantized_bytes["decoder"]
+    assert saved > 0
+    assert record.roofline.stages["prefill"].bytes == plain.bytes - saved
+
+
 def test_an_unquantized_run_has_no_quantization_block():
     assert ablate.measure("tiny", **FAST).quantization is None
 
@@ -339,6 +348,19 @@ def test_openvino_quantizes_with_its_own_nncf_compression_within_the_stated_boun
     assert 0 < deviation <= (INT8_DEVIATION if scheme.startswith("int8") else 0.2), deviation
     assert any(note.startswith(f"openvino connector: {scheme} as NNCF's") for note in record["notes"])
     assert INT4_NOTE not in record["notes"]  # torchao's storage note: OpenVINO packs its int4 itself
+
+
+@needs_executorch
+def test_executorch_int8_dynamic_is_xnnpacks_own_and_a_weight_only_scheme_falls_back():
+    overrides = ["run.quantize.connector=int8-dynamic", "run.quantize.decoder=int8-weight-only"]
+    record = ablate.measure("tiny", overrides, runtime="executorch", **FAST).to_dict()
+    runtimes, quantization = record["execution"]["runtimes"], record["quantization"]
+    assert runtimes["connector"] == "executorch" and runtimes["prefill"] == "torch", record["execution"]
+    assert any("XNNPACK has no int8-weight-only" in sentence for sentence in record["execution"]["fallbacks"])
+    ratio = quantization["quantized_bytes"]["connector"] / quantization["float_bytes"]["connector"]
+    assert 0.2 < ratio < 0.4, ratio  # int8 weights, float32 biases and scales, the program's structure
+    assert 0 < record["execution"]["deviation_from_eager"]["connector"] <= INT8_DEVIATION
+    assert any(note.startswith("executorch connector: int8-dynamic") for note in record["notes"])
 
 
 @needs_onnx

@@ -276,11 +276,14 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
             )
             if record.kv_cache is not None:
                 record.kv_cache.measured_bytes = measured
-            traffic["decode_step"] = step_traffic(weight_bytes(vlm.decoder), record.kv_cache, record.decode)
+            # the float model's weights (the meta one's): a quantized run's are adjusted below, with the prefill's
+            traffic["decode_step"] = step_traffic(weight_bytes(meta_vlm.decoder), record.kv_cache, record.decode)
             if fallback is not None:
                 record.execution.fallbacks.append(fallback)
                 record.notes.append(f"fallback: {fallback}")
         record.throughput = throughput(record)
+        if record.quantization is not None:
+            traffic = _quantized_traffic(traffic, record.quantization)
         record.roofline = roofline(record, traffic, peak, record.execution)
         if options.fidelity:
             where["stage"] = "measuring fidelity against the model without its reducer"
@@ -307,6 +310,19 @@ def _quantized_in_torch(schemes: dict[str, str], execution) -> dict[str, str]:
     return {
         kind: scheme for kind, scheme in schemes.items() if ran_in.get(stage_of[kind], TORCH_RUNTIME) == TORCH_RUNTIME
     }
+
+
+def _quantized_traffic(traffic: dict[str, Any], quantization: Quantization) -> dict[str, Any]:
+    """The stages' least bytes with each quantized component's weights read as stored, not as float32: the floor
+    of a quantized run is that of the bytes it must read."""
+    stage_of = {kind: stage for stage, kind in STAGE_COMPONENT.items()}
+    adjusted = dict(traffic)
+    for kind, before in quantization.float_bytes.items():
+        saved = before - quantization.quantized_bytes[kind]
+        for stage in (stage_of[kind], "decode_step") if kind == "decoder" else (stage_of[kind],):
+            if adjusted.get(stage) is not None:
+                adjusted[stage] = {**adjusted[stage], "bytes": max(adjusted[stage]["bytes"] - saved, 0)}
+    return adjusted
 
 
 def _quantization(vlm: VLM, prepared, schemes: dict[str, str], float_logits, float_bytes) -> Quantization:
