@@ -1,7 +1,7 @@
 """The toolkit's overhead over a hand-written ONNX Runtime pipeline of the same graphs: TTFT ratio.
 
     python benchmarks/ort_overhead.py                                         # tiny
-    python benchmarks/ort_overhead.py --config fastvlm-0.5b --image-size 512 --repeats 5
+    python benchmarks/ort_overhead.py --config fastvlm-0.5b --image-size 1024 --threads 1 --repeats 5
 
 `ablate export` writes the stages' ONNX files; the hand-written side loads them into InferenceSessions of its own
 (same thread count) and runs them in turn on example.npz's arrays, feeding each stage the outputs of the one before,

@@ -2,7 +2,7 @@
 the largest deviation from torch's float eager outputs, where each stage ran and the prepare (export) time.
 
     python benchmarks/runtimes.py                                  # tiny
-    python benchmarks/runtimes.py --config fastvlm-0.5b --image-size 512 --repeats 3
+    python benchmarks/runtimes.py --config fastvlm-0.5b --image-size 1024 --threads 1 --repeats 3
 
 Each variant is one `ablate.measure` run, one after the other in this process (not alternated: compare ratios
 well above the runs' spread). Quantized variants quantize the connector and the decoder, or in OpenVINO the encoder
