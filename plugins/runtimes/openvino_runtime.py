@@ -98,7 +98,7 @@ def _compressed(model, scheme: str):
         raise StageFallback(f"{scheme} in OpenVINO needs nncf: pip install 'ablate-vlm[openvino]'") from None
     nncf.set_log_level(logging.ERROR)
     mode, options = NNCF_SCHEMES[scheme]
-    if "group_size" in options:  # a weight whose input width the group does not divide stays as it is, as in torch
+    if "group_size" in options:  # a weight whose input width the group does not divide is skipped, not an error
         skip = nncf.quantization.advanced_parameters.GroupSizeFallbackMode.IGNORE
         options = {**options, "advanced_parameters": nncf.AdvancedCompressionParameters(group_size_fallback_mode=skip)}
     # NNCF logs that torch has no CUDA here, and draws a progress bar on stdout (where `--json` writes the record):
