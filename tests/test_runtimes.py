@@ -301,13 +301,16 @@ def test_a_torchao_scheme_in_onnx_runtime_falls_back_to_torch_labelled():
     assert record.quantization.quantized_bytes["connector"] < 0.35 * record.quantization.float_bytes["connector"]
 
 
-def test_a_quantized_runs_roofline_floor_reads_the_weights_as_stored():
-    """Against float32's bytes an int8 prefill could beat its floor; the floor is of the bytes it must read."""
-    plain = ablate.measure("tiny", **FAST).roofline.stages["prefill"]
-    record = ablate.measure("tiny", ["run.quantize.decoder=int8-dynamic"], **FAST)
+def test_a_quantized_runs_roofline_reads_the_weights_as_stored_and_counts_the_int8_matmuls():
+    """Against float32's bytes an int8 prefill could beat its floor; the floor is of the bytes it must read. The
+    decode step's FLOPs are the float model's: FlopCounterMode alone does not see torch's quantized Linear."""
+    plain = ablate.measure("tiny", ["run.max_new_tokens=2"], **FAST)
+    record = ablate.measure("tiny", ["run.quantize.decoder=int8-dynamic", "run.max_new_tokens=2"], **FAST)
     saved = record.quantization.float_bytes["decoder"] - record.quantization.quantized_bytes["decoder"]
     assert saved > 0
-    assert record.roofline.stages["prefill"].bytes == plain.bytes - saved
+    for stage in ("prefill", "decode_step"):
+        assert record.roofline.stages[stage].bytes == plain.roofline.stages[stage].bytes - saved, stage
+    assert record.decode.step_flops == plain.decode.step_flops > 0
 
 
 def test_an_unquantized_run_has_no_quantization_block():

@@ -20,6 +20,17 @@ from ablate.model.vlm import STAGES
 VISION_STAGES = STAGES[:-1]  # encoder, reducer, connector: the stages before the LLM
 
 
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts torch's dynamically quantized Linear (run.quantize int8-dynamic): the stock
+    one does not know its op, and would count a quantized decoder's step as 0 FLOPs."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.quantized.linear_dynamic: _quantized_linear_flops})
+
+
+def _quantized_linear_flops(input_shape, packed, *_, out_shape=None, **__) -> int:
+    in_features = packed.unpack()[0].shape[1]  # the packed int8 weight, (out, in)
+    return 2 * out_shape.numel() * in_features
+
+
 def meta_context(vlm, batch_size: int, prompt_tokens: int) -> StageContext:
     pixels = torch.empty(vlm.encoder.input_shape(batch_size), device="meta")
     ids = torch.zeros(batch_size, prompt_tokens + 1, dtype=torch.long, device="meta")
@@ -47,7 +58,7 @@ def count_vision(
                 flops[name], out = _ENCODER_COUNTS[key]
                 ctx = replace(out, pixel_values=ctx.pixel_values, input_ids=ctx.input_ids, text_embeds=ctx.text_embeds)
             else:
-                with FlopCounterMode(display=False) as counter:
+                with flop_counter() as counter:
                     ctx = stage(ctx)
                 flops[name] = counter.get_total_flops()
                 if key is not None:

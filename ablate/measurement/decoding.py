@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ablate.api.components import DECODER_PRUNING, DecoderPruning, StageContext
 from ablate.api.errors import ConfigError, first_line
 from ablate.api.runtimes import TORCH_RUNTIME
 from ablate.config.run_options import RunOptions
+from ablate.measurement.counting import flop_counter
 from ablate.measurement.modes import Replay, capture, deviation, inductor_settings, param_dtype
 from ablate.measurement.record import Decode, KVCache, Record, Samples, Throughput
 from ablate.measurement.timing import Progress, StageTimer, spread
@@ -257,7 +257,7 @@ def time_decode(
     with torch.inference_mode():
         if static:
             path.plain_prefill(vision(prepared.ctx))
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             path.plain_step() if static else path.step()
     decode.step_flops = counter.get_total_flops()
     return decode, measured, fallback
