@@ -291,6 +291,9 @@ def _run(config: VLMConfig, record: Record, where: dict, registry: Registry, pro
             record.fidelity = first_token_fidelity(vlm, prepared.ctx)
 
 
+STAGE_OF = {kind: stage for stage, kind in STAGE_COMPONENT.items()}  # component -> the stage that runs it
+
+
 def _before_quantizing(vlm: VLM, ctx: StageContext, schemes: dict[str, str], in_torch: bool):
     """The float model's first-token logits and stored bytes per quantized component; then, in the torch runtime,
     the quantization itself (another runtime applies its own as it prepares each stage)."""
@@ -306,20 +309,18 @@ def _before_quantizing(vlm: VLM, ctx: StageContext, schemes: dict[str, str], in_
 def _quantized_in_torch(schemes: dict[str, str], execution) -> dict[str, str]:
     """The schemes torch applied: all of them in the torch runtime, else those of the stages that fell back."""
     ran_in = execution.runtimes or {}
-    stage_of = {kind: stage for stage, kind in STAGE_COMPONENT.items()}
     return {
-        kind: scheme for kind, scheme in schemes.items() if ran_in.get(stage_of[kind], TORCH_RUNTIME) == TORCH_RUNTIME
+        kind: scheme for kind, scheme in schemes.items() if ran_in.get(STAGE_OF[kind], TORCH_RUNTIME) == TORCH_RUNTIME
     }
 
 
 def _quantized_traffic(traffic: dict[str, Any], quantization: Quantization) -> dict[str, Any]:
     """The stages' least bytes with each quantized component's weights read as stored, not as float32: the floor
     of a quantized run is that of the bytes it must read."""
-    stage_of = {kind: stage for stage, kind in STAGE_COMPONENT.items()}
     adjusted = dict(traffic)
     for kind, before in quantization.float_bytes.items():
         saved = before - quantization.quantized_bytes[kind]
-        for stage in (stage_of[kind], "decode_step") if kind == "decoder" else (stage_of[kind],):
+        for stage in (STAGE_OF[kind], "decode_step") if kind == "decoder" else (STAGE_OF[kind],):
             if adjusted.get(stage) is not None:
                 adjusted[stage] = {**adjusted[stage], "bytes": max(adjusted[stage]["bytes"] - saved, 0)}
     return adjusted
@@ -327,8 +328,7 @@ def _quantized_traffic(traffic: dict[str, Any], quantization: Quantization) -> d
 
 def _quantization(vlm: VLM, prepared, schemes: dict[str, str], float_logits, float_bytes) -> Quantization:
     """The record's quantization block: bytes as each component ran (the runtime's figure for its stages)."""
-    stage_of = {kind: stage for stage, kind in STAGE_COMPONENT.items()}
-    held = {kind: prepared.weight_bytes.get(stage_of[kind]) for kind in schemes}
+    held = {kind: prepared.weight_bytes.get(STAGE_OF[kind]) for kind in schemes}
     with torch.inference_mode():
         logits = prepared.ttft(prepared.ctx)
     return Quantization(
